@@ -1,0 +1,411 @@
+"""`lora(apply_fn, config)`: run an unmodified linen model with its adapters.
+
+Two ways to compute an adapted layer, with the same result:
+
+- **factored**: ``y = x @ W + gamma * (x @ A) @ B``, never forming ``W + gamma * A @ B``. Done by
+  intercepting linen ``Dense``, ``DenseGeneral``, ``Einsum`` and Dense-like module calls
+  (`flax.linen.intercept_methods`), which also works inside ``nn.scan`` and ``nn.remat``: the
+  adapter leaves sit in the same dict as the kernel and are sliced with it.
+- **merged**: fold the adapters into the kernels (float32, cast once) and call the model; works
+  for any model, including layers the factored path does not know.
+
+``mode="auto"`` (the default) uses the factored path where it can and merges the rest. Which
+layers can be factored is found once per input structure by an abstract trace
+(`jax.eval_shape`), so it costs no FLOPs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import string
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rslora_jax.adapters import adapter_paths, join_path
+from rslora_jax.config import LoraConfig
+from rslora_jax.merge import merge, merged_kernels
+
+Mode = Literal["auto", "factored", "merged"]
+MODES = ("auto", "factored", "merged")
+DROPOUT_RNG = "lora_dropout"
+
+# Module classes (or class names, so that optional dependencies need not be imported) whose
+# ``__call__(inputs)`` computes ``inputs[..., d_in] @ kernel_as_(d_in, d_out) (+ bias)``.
+_DENSE_LIKE: set[type | str] = {"FlaxConv1D"}
+
+
+def register_dense_like(cls: type | str) -> None:
+    """Declares a linen module class Dense-like, so the factored forward handles it.
+
+    A Dense-like module's ``__call__`` takes the input as its first argument and computes
+    ``y = inputs @ K (+ bias)`` over the last input axis, where K is its ``kernel`` param seen
+    as a (d_in, d_out) matrix (stored either way round: see ``LoraConfig.fan_in_fan_out``).
+    transformers' GPT-2 ``FlaxConv1D`` is registered by default.
+
+    Args:
+      cls: the module class, or its class name.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class MyDense(nn.Dense):
+      ...     pass
+      >>> register_dense_like(MyDense)
+    """
+    _DENSE_LIKE.add(cls)
+
+
+def _is_dense_like(module: nn.Module) -> bool:
+    if isinstance(module, nn.Dense):
+        return True
+    kinds = type(module).__mro__
+    return any(c in _DENSE_LIKE or c.__name__ in _DENSE_LIKE for c in kinds)
+
+
+# ---------------------------------------------------------------------------- deltas
+def _lowrank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> jax.Array:
+    """scale * (x @ A) @ B with x (..., d_in), in `dtype`."""
+    xa = jnp.matmul(x.astype(dtype), a.astype(dtype))
+    return jnp.matmul(xa * jnp.asarray(scale, dtype), b.astype(dtype))
+
+
+def _check_local(path: str, a: Any, b: Any, d_in: int, d_out: int, what: str) -> None:
+    if a.shape[-2] != d_in or b.shape[-1] != d_out or a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"adapter at {path!r} ({what}) expects lora_a (..., {d_in}, r) and lora_b "
+            f"(..., r, {d_out}); got {tuple(a.shape)} and {tuple(b.shape)}. Check "
+            "LoraConfig.kernel_axes / fan_in_fan_out for this path"
+        )
+
+
+def _dense_delta(module, path, x, kernel, a, b, scale, dtype, call_args):
+    del kernel, call_args
+    if a.ndim != 2:
+        raise ValueError(f"adapter at {path!r}: a Dense layer needs 2-D lora_a, got {a.shape}")
+    _check_local(path, a, b, x.shape[-1], b.shape[-1], "Dense")
+    return _lowrank(x, a, b, scale, dtype)
+
+
+def _dense_general_delta(module, path, x, kernel, a, b, scale, dtype, call_args):
+    del call_args
+    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    axis = tuple(sorted(ax % x.ndim for ax in axis))
+    features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
+    features = tuple(features)
+    d_in = math.prod(x.shape[ax] for ax in axis)
+    d_out = math.prod(features)
+    if a.ndim != 2:
+        raise ValueError(f"adapter at {path!r}: DenseGeneral needs 2-D lora_a, got {a.shape}")
+    _check_local(path, a, b, d_in, d_out, f"DenseGeneral axis={axis}")
+    del kernel
+    rest = tuple(i for i in range(x.ndim) if i not in axis)
+    xt = jnp.transpose(x, rest + axis).reshape(*(x.shape[i] for i in rest), d_in)
+    out = _lowrank(xt, a, b, scale, dtype)
+    return out.reshape(*out.shape[:-1], *features)
+
+
+def _einsum_roles(module, x, kernel, call_args):
+    import opt_einsum
+
+    eq = call_args.get("einsum_str") or module.einsum_str
+    eq = eq.replace(" ", "")
+    operands, result, _ = opt_einsum.parser.parse_einsum_input((eq, x, kernel))
+    xs, ks = operands.split(",")
+    roles = []
+    for c in ks:
+        if c in xs and c in result:
+            roles.append("l")
+        elif c in xs:
+            roles.append("i")
+        elif c in result:
+            roles.append("o")
+        else:
+            return None
+    return xs, ks, result, "".join(roles)
+
+
+def _einsum_delta(module, path, x, kernel, a, b, scale, dtype, call_args):
+    parsed = _einsum_roles(module, x, kernel, call_args)
+    if parsed is None:
+        raise ValueError(f"Einsum at {path!r}: a kernel axis is summed away; cannot factor it")
+    xs, ks, result, roles = parsed
+    l_letters = "".join(c for c, r in zip(ks, roles) if r == "l")
+    i_letters = "".join(c for c, r in zip(ks, roles) if r == "i")
+    o_letters = "".join(c for c, r in zip(ks, roles) if r == "o")
+    sizes = dict(zip(ks, kernel.shape))
+    l_shape = tuple(sizes[c] for c in l_letters)
+    i_shape = tuple(sizes[c] for c in i_letters)
+    o_shape = tuple(sizes[c] for c in o_letters)
+    d_in, d_out = math.prod(i_shape), math.prod(o_shape)
+    _check_local(path, a, b, d_in, d_out, f"Einsum kernel axes {roles!r}")
+    if tuple(a.shape[:-2]) != l_shape:
+        raise ValueError(
+            f"Einsum at {path!r} has kernel axes {roles!r} (layer axes {l_shape}) but lora_a "
+            f"has shape {tuple(a.shape)}; set LoraConfig.kernel_axes for this path to {roles!r}"
+        )
+    rank_letter = next(c for c in string.ascii_letters if c not in xs + ks + result)
+    inter = "".join(c for c in result if c not in o_letters) + rank_letter
+    a_full = a.reshape(*l_shape, *i_shape, a.shape[-1]).astype(dtype)
+    b_full = b.reshape(*l_shape, b.shape[-2], *o_shape).astype(dtype)
+    xa = jnp.einsum(f"{xs},{l_letters}{i_letters}{rank_letter}->{inter}", x.astype(dtype), a_full)
+    xa = xa * jnp.asarray(scale, dtype)
+    return jnp.einsum(f"{inter},{l_letters}{rank_letter}{o_letters}->{result}", xa, b_full)
+
+
+def _handler(module: nn.Module) -> Callable | None:
+    if isinstance(module, nn.DenseGeneral):
+        return _dense_general_delta if not module.batch_dims else None
+    if isinstance(module, nn.Einsum):
+        return _einsum_delta
+    if _is_dense_like(module):
+        return _dense_delta
+    return None
+
+
+def _call_args(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict]:
+    if args:
+        x, rest = args[0], args[1:]
+    else:
+        x, rest = kwargs.get("inputs"), ()
+    extra = dict(kwargs)
+    extra.pop("inputs", None)
+    if isinstance(module, nn.Einsum) and rest:
+        extra["einsum_str"] = rest[0]
+    return x, extra
+
+
+def _adapted(module: nn.Module) -> bool:
+    return (
+        module.has_variable("params", "lora_a")
+        and module.has_variable("params", "lora_b")
+        and module.has_variable("params", "kernel")
+    )
+
+
+def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
+    if rate <= 0.0 or not module.has_rng(DROPOUT_RNG):
+        return x
+    keep = jax.random.bernoulli(module.make_rng(DROPOUT_RNG), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+
+def _interceptor(config: LoraConfig, handled: set[str], skip: frozenset[str], compute: bool):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        handler = _handler(module)
+        if handler is None or not _adapted(module):
+            return next_fun(*args, **kwargs)
+        path = join_path(module.path)
+        if path in skip:
+            return next_fun(*args, **kwargs)
+        handled.add(path)
+        y = next_fun(*args, **kwargs)
+        if not compute:
+            return y
+        x, call_args = _call_args(module, args, kwargs)
+        a = module.get_variable("params", "lora_a")
+        b = module.get_variable("params", "lora_b")
+        kernel = module.get_variable("params", "kernel")
+        x = _dropout(module, x, config.dropout)
+        scale = config.scale_for(path)
+        out = handler(module, path, x, kernel, a, b, scale, y.dtype, call_args)
+        return y + out.astype(y.dtype)
+
+    return intercept
+
+
+# ---------------------------------------------------------------------------- planning
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or hasattr(x, "aval")
+
+
+def _signature(tree: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    sig = []
+    for leaf in leaves:
+        if _is_array(leaf):
+            sig.append(("array", tuple(leaf.shape), str(leaf.dtype)))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            sig.append(("static", type(leaf), leaf))
+    return treedef, tuple(sig)
+
+
+def _factorable(apply_fn, config, variables, args, kwargs) -> frozenset[str]:
+    """The adapted module paths that the factored path handles, from an abstract trace."""
+    leaves, treedef = jax.tree.flatten((variables, args, kwargs))
+    dyn_idx = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+
+    def run(*dyn):
+        full = list(leaves)
+        for i, val in zip(dyn_idx, dyn):
+            full[i] = val
+        v, a, kw = jax.tree.unflatten(treedef, full)
+        with nn.intercept_methods(_interceptor(config, handled, frozenset(), compute=False)):
+            return apply_fn(v, *a, **kw)
+
+    handled: set[str] = set()
+    dyn_vals = [
+        jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) if _is_array(leaves[i]) else None
+        for i in dyn_idx
+    ]
+    jax.eval_shape(run, *dyn_vals)
+    return frozenset(handled)
+
+
+def lora(
+    apply_fn: Callable[..., Any], config: LoraConfig, mode: Mode = "auto"
+) -> Callable[..., Any]:
+    """Wraps a linen ``apply`` so that the forward pass includes the adapters.
+
+    The wrapped function has the same signature as `apply_fn` (``variables, *args,
+    **kwargs``); ``variables["params"]`` is a tree with adapters (from `init`, or
+    `combine`). Adapter dropout (``config.dropout``) is active in the factored path when the
+    call passes an ``rngs={"lora_dropout": key}`` stream.
+
+    Args:
+      apply_fn: a linen ``Module.apply`` (or any function with that signature that runs
+        linen modules).
+      config: the adapter config.
+      mode: ``"factored"``, ``"merged"`` or ``"auto"`` (see the module docstring).
+        ``"factored"`` raises if an adapted kernel belongs to a layer it cannot factor.
+
+    Returns:
+      The wrapped apply function.
+
+    Raises:
+      ValueError: for an unknown mode.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from rslora_jax import LoraConfig, init
+      >>> model = nn.Dense(3)
+      >>> x = jnp.ones((2, 4))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> cfg = LoraConfig(rank=2)
+      >>> adapted = init(params, cfg, jax.random.key(1))
+      >>> apply = lora(model.apply, cfg)
+      >>> bool(jnp.allclose(apply({"params": adapted}, x), model.apply({"params": params}, x)))
+      True
+    """
+    if mode not in MODES:
+        raise ValueError(f"lora(mode=...) must be one of {MODES}, got {mode!r}")
+    plans: dict[Any, frozenset[str]] = {}
+
+    @functools.wraps(apply_fn)
+    def wrapped(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise ValueError(
+                "the wrapped apply expects a variables dict with a 'params' collection, "
+                f"got {type(variables).__name__} with keys "
+                f"{sorted(variables) if isinstance(variables, Mapping) else 'n/a'}"
+            )
+        params = variables["params"]
+        if mode == "merged":
+            if config.dropout > 0 and DROPOUT_RNG in (kwargs.get("rngs") or {}):
+                raise ValueError(
+                    "adapter dropout needs the factored forward; use mode='factored' or 'auto'"
+                )
+            return apply_fn({**variables, "params": merge(params, config)}, *args, **kwargs)
+        wanted = set(adapter_paths(params))
+        skip: frozenset[str] = frozenset()
+        if mode == "auto":
+            key = _signature((variables, args, kwargs))
+            plan = plans.get(key) if key is not None else None
+            if plan is None:
+                plan = _factorable(apply_fn, config, variables, args, kwargs)
+                if key is not None:
+                    plans[key] = plan
+            unhandled = wanted - plan
+            if unhandled:
+                params = merged_kernels(params, config, unhandled)
+                variables = {**variables, "params": params}
+                skip = frozenset(unhandled)
+        handled: set[str] = set()
+        with nn.intercept_methods(_interceptor(config, handled, skip, compute=True)):
+            out = apply_fn(variables, *args, **kwargs)
+        missing = wanted - handled - skip
+        if mode == "factored" and missing:
+            raise ValueError(
+                "mode='factored' cannot compute the adapters at "
+                f"{sorted(missing)}: their modules are not Dense, DenseGeneral, Einsum or a "
+                "registered Dense-like module (rslora_jax.register_dense_like), or were never "
+                "called. Use mode='auto' (merges those) or mode='merged'"
+            )
+        return out
+
+    return wrapped
+
+
+def infer_kernel_axes(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any):
+    """Reads the axis roles of every Dense/DenseGeneral/Einsum kernel off a linen model.
+
+    Runs `apply_fn` abstractly (`jax.eval_shape`, no FLOPs) and records, for each module, which
+    of its kernel's axes are layer (``l``: stacked by ``nn.scan``, or einsum batch axes),
+    input (``i``) and output (``o``) axes. Pass the result as ``LoraConfig(kernel_axes=...)``.
+
+    Args:
+      apply_fn: a linen ``apply``.
+      variables: its variables (``{"params": ...}``), arrays or `jax.ShapeDtypeStruct`.
+      *args: sample inputs (shapes matter, values do not).
+      **kwargs: passed to `apply_fn`.
+
+    Returns:
+      ``{path: roles}`` with exact paths (usable as regexes: paths only hold names, digits
+      and '/').
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> model = nn.DenseGeneral(features=(2, 3), axis=-1)
+      >>> v = model.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> infer_kernel_axes(model.apply, v, jnp.ones((1, 4)))
+      {'': 'ioo'}
+    """
+    found: dict[str, str] = {}
+    full_shapes: dict[str, tuple[int, ...]] = {}
+    params = variables["params"]
+    from rslora_jax.adapters import iter_holders
+
+    for keys, holder in iter_holders(params):
+        full_shapes[join_path(keys)] = tuple(holder["kernel"].shape)
+
+    def record(next_fun, a, kw, context):
+        module = context.module
+        if context.method_name == "__call__" and module.has_variable("params", "kernel"):
+            path = join_path(module.path)
+            kernel = module.get_variable("params", "kernel")
+            x, call_args = _call_args(module, a, kw)
+            local = None
+            if isinstance(module, nn.DenseGeneral) and x is not None:
+                axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+                n_b = len(module.batch_dims)
+                local = "l" * n_b + "i" * len(axis) + "o" * (kernel.ndim - n_b - len(axis))
+            elif isinstance(module, nn.Einsum) and x is not None:
+                parsed = _einsum_roles(module, x, kernel, call_args)
+                local = parsed[3] if parsed is not None else None
+            elif _is_dense_like(module) and kernel.ndim == 2:
+                local = "oi" if type(module).__name__ == "FlaxConv1D" else "io"
+            if local is not None and path in full_shapes:
+                n_stack = len(full_shapes[path]) - kernel.ndim
+                found[path] = "l" * n_stack + local
+        return next_fun(*a, **kw)
+
+    def run(v):
+        with nn.intercept_methods(record):
+            return apply_fn(v, *args, **kwargs)
+
+    jax.eval_shape(run, variables)
+    return found
+
+
+__all__ = ["infer_kernel_axes", "lora", "register_dense_like"]

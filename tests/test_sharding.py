@@ -1,0 +1,149 @@
+"""A sharded train step on a (2, 4) mesh of fake CPU devices equals the one-device step."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import rslora_jax as rl
+
+pytestmark = pytest.mark.loose_dtypes  # optax Adam (see test_optim)
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.gelu(nn.Dense(32, name="up")(x))
+        h = nn.gelu(nn.Dense(16, name="mid")(h))
+        return nn.Dense(8, name="down")(h)
+
+
+LAYOUTS = {
+    # FSDP: every kernel split over both mesh axes on its input dimension.
+    "fsdp": {
+        "up": P(("data", "model"), None),
+        "mid": P(("data", "model"), None),
+        "down": P(("data", "model"), None),
+    },
+    # Tensor parallel (Megatron-style): column- then row-parallel.
+    "tensor_parallel": {"up": P(None, "model"), "mid": P("model", None), "down": P(None, "model")},
+    # Both at once.
+    "2d": {"up": P("data", "model"), "mid": P("model", "data"), "down": P("data", "model")},
+}
+
+
+def _base_specs(params, layout):
+    return {
+        name: {leaf: (layout[name] if leaf == "kernel" else P()) for leaf in params[name]}
+        for name in params
+    }
+
+
+@pytest.fixture(scope="module")
+def problem():
+    model = Net()
+    x = jax.random.normal(jax.random.key(0), (16, 16))
+    y = jax.random.normal(jax.random.key(1), (16, 8))
+    base = jax.jit(model.init)(jax.random.key(2), x)["params"]
+    cfg = rl.LoraConfig(rank=4, alpha=8.0)
+    adapters, _ = rl.split(rl.init(base, cfg, jax.random.key(3)))
+    # Non-zero B so that the first step moves A as well.
+    adapters = jax.tree.map(lambda a: a + 0.05, adapters)
+    opt = rl.optimizer(optax.adamw(1e-2, weight_decay=0.01))
+    apply = rl.lora(model.apply, cfg)
+
+    def step(adapters, state, base, x, y):
+        def loss(ad):
+            out = apply({"params": rl.combine(ad, base)}, x)
+            return jnp.mean((out - y) ** 2)
+
+        value, grads = jax.value_and_grad(loss)(adapters)
+        upd, state = opt.update(grads, state, adapters)
+        return optax.apply_updates(adapters, upd), state, value
+
+    def run(step_fn, adapters, state, base, x, y, n=3):
+        losses = []
+        for _ in range(n):
+            adapters, state, value = step_fn(adapters, state, base, x, y)
+            losses.append(float(value))
+        return adapters, losses
+
+    single = run(jax.jit(step), adapters, opt.init(adapters), base, x, y)
+    return dict(
+        base=base, adapters=adapters, opt=opt, step=step, run=run, x=x, y=y, cfg=cfg, single=single
+    )
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_sharded_step_equals_single_device(problem, layout):
+    assert len(jax.devices()) == 8, "tests/conftest.py sets 8 fake CPU devices"
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    p = problem
+    base_specs = _base_specs(p["base"], LAYOUTS[layout])
+    specs = rl.partition_specs(rl.combine(p["adapters"], p["base"]), base_specs, p["cfg"])
+    ad_specs, base_specs = rl.split(specs)
+    state_specs = rl.opt_state_specs(p["opt"], p["adapters"], ad_specs)
+
+    def named(tree):
+        return jax.tree.map(
+            lambda s: NamedSharding(mesh, s), tree, is_leaf=lambda s: isinstance(s, P)
+        )
+
+    ad_sh, base_sh, st_sh = named(ad_specs), named(base_specs), named(state_specs)
+    batch_sh = NamedSharding(mesh, P("data"))
+    step = jax.jit(
+        p["step"],
+        in_shardings=(ad_sh, st_sh, base_sh, batch_sh, batch_sh),
+        out_shardings=(ad_sh, st_sh, NamedSharding(mesh, P())),
+    )
+    adapters = jax.device_put(p["adapters"], ad_sh)
+    base = jax.device_put(p["base"], base_sh)
+    state = jax.jit(p["opt"].init, out_shardings=st_sh)(adapters)
+    out, losses = p["run"](step, adapters, state, base, p["x"], p["y"])
+
+    want, want_losses = p["single"]
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # Adapters really are sharded as derived: A takes the kernel's input spec, B its output spec.
+    up = LAYOUTS[layout]["up"]
+    assert out["up"]["lora_a"].sharding.spec == P(up[0], None)
+    assert out["up"]["lora_b"].sharding.spec == P(None, up[1] if len(up) > 1 else None)
+    shard_shapes = {s.data.shape for s in out["up"]["lora_a"].addressable_shards}
+    if up[0] is not None:
+        assert all(s[0] < out["up"]["lora_a"].shape[0] for s in shard_shapes)
+
+
+def test_stacked_and_flattened_axes_specs():
+    cfg = rl.LoraConfig(rank=2, kernel_axes={"stack": "lio", "heads": "ioo"})
+    params = {
+        "stack": {"kernel": jnp.ones((4, 16, 8))},
+        "heads": {"kernel": jnp.ones((16, 4, 2))},
+    }
+    full = rl.init(params, cfg, jax.random.key(0))
+    specs = rl.partition_specs(
+        full,
+        {"stack": {"kernel": P("pp", "fsdp", "tp")}, "heads": {"kernel": P("fsdp", "tp", None)}},
+        cfg,
+    )
+    assert specs["stack"]["lora_a"] == P("pp", "fsdp", None)
+    assert specs["stack"]["lora_b"] == P("pp", None, "tp")
+    # (heads, head_dim) flattened: sharding the leading axis is exact on the flattened axis.
+    assert specs["heads"]["lora_b"] == P(None, "tp")
+    # Not expressible on a flattened axis (only a later axis sharded): replicated.
+    specs = rl.partition_specs(
+        full, {"stack": {"kernel": P()}, "heads": {"kernel": P(None, None, "tp")}}, cfg
+    )
+    assert specs["heads"]["lora_b"] == P(None, None)
+
+
+def test_missing_base_spec_is_an_error():
+    full = rl.init({"d": {"kernel": jnp.ones((4, 4))}}, rl.LoraConfig(rank=2), jax.random.key(0))
+    with pytest.raises(ValueError, match="base_specs has no entry for 'd'"):
+        rl.partition_specs(full, {"e": {"kernel": P()}})
