@@ -11,10 +11,14 @@ from rslora_jax.hf.checkpoint import (
     load_tokenizer,
     save_pretrained,
 )
+from rslora_jax.hf.peft import PeftFormatWarning, export_peft, import_peft
 
 __all__ = [
+    "PeftFormatWarning",
+    "export_peft",
     "flax_module_path",
     "hf_module_name",
+    "import_peft",
     "load_config",
     "load_pretrained",
     "load_tokenizer",

@@ -1,0 +1,1027 @@
+"""PEFT-format LoRA adapters in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+`export_peft` writes the adapters of a Llama-family params tree so that Hugging Face PEFT
+(``PeftModel.from_pretrained(transformers_model, directory)``) computes the same logits as our
+forward pass; `import_peft` reads an adapter trained with PEFT on PyTorch into our tree.
+
+On-disk format (PEFT's, adapter name stripped), for each adapted module, e.g.
+``model.layers.0.self_attn.q_proj``::
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight       (r, in)   = lora_a.T
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight       (out, r)  = lora_b.T
+    base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector  (out,) = lora_magnitude
+
+(the last one with DoRA only). Scanned layers (a leading layer axis) are written one layer per
+module name and stacked again on import.
+
+Scale. PEFT computes ``lora_alpha / sqrt(r)`` if ``use_rslora`` else ``lora_alpha / r``, with
+``r`` and ``lora_alpha`` per module from ``rank_pattern`` / ``alpha_pattern`` (the first key
+that matches a '.'-bounded suffix of the module name, ``re.match(rf"(.*\\.)?({key})$", name)``).
+The export always writes ``use_rslora`` and writes patterns computed from the per-module values
+(not a textual translation of our regexes), so PEFT reproduces ``LoraConfig.scale_for`` for every
+module; the import computes PEFT's per-module values and writes them back as patterns over our
+'/' paths. An ``adapter_config.json`` without ``use_rslora`` was written by a PEFT version older
+than rsLoRA, so it is read as PEFT reads it (``alpha / r``), with a `PeftFormatWarning`.
+
+Extending to other adapter kinds: `LEAVES` maps our leaf names to PEFT key suffixes and says how
+to convert them (transposed or not, expected shapes, when required); a new kind that PEFT stores
+per module needs one entry there.
+
+transformers, torch and peft are not imported: this module reads and writes JSON and safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from rslora_jax._types import Params
+from rslora_jax.adapters import (
+    KERNEL,
+    adapted_holders,
+    combine,
+    is_adapter_key,
+    iter_holders,
+    join_path,
+)
+from rslora_jax.config import LoraConfig
+from rslora_jax.hf.checkpoint import hf_module_name
+from rslora_jax.models.llama import LlamaConfig, init_params
+from rslora_jax.variants import MAGNITUDE
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# Key prefix of a PeftModel's state dict (PeftModel.base_model is the LoraModel, whose .model is
+# the transformers model).
+PEFT_PREFIX = "base_model.model."
+# The PEFT release whose format (field names, defaults, key names) this module writes and was
+# tested against; written as ``peft_version``.
+PEFT_FORMAT_VERSION = "0.21.2"
+PEFT_TASK_TYPES = (None, "CAUSAL_LM")
+_PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+}
+_WRITE_DTYPES = frozenset(np.dtype(d) for d in _ST_DTYPES.values())
+_LAYERS = ("model", "layers")
+_EMBEDDING_NAME = "model.embed_tokens"
+_OUTPUT_NAME = "lm_head"
+# init_lora_weights values whose saved factors are plain LoRA factors on the unchanged base.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# init_lora_weights values with which PEFT changes the base weights when it loads the adapter.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# adapter_config.json fields that change what the adapter computes and that we do not
+# implement: importing refuses any value other than the neutral one.
+_NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
+    "bias": ("none",),
+    "fan_in_fan_out": (False, None),
+    "lora_bias": (False, None),
+    "use_qalora": (False, None),
+    "layer_replication": (None, []),
+    "target_parameters": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "alora_invocation_tokens": (None, []),
+    "use_bdlora": (None, False),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+    "monteclora_config": (None,),
+    "velora_config": (None,),
+    "megatron_config": (None,),
+}
+
+
+class PeftFormatWarning(UserWarning):
+    """An adapter file is readable but relies on a default that may not be what was meant."""
+
+
+# ---------------------------------------------------------------------------- leaf mapping
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+    """How one of our adapter leaves is stored in a PEFT file.
+
+    Attributes:
+      ours: the leaf name in the dict holding the kernel (e.g. ``lora_a``).
+      peft: the PEFT key suffix after the module name (e.g. ``lora_A.weight``).
+      shape: ``(r, d_in, d_out) -> shape`` of PEFT's tensor for one module.
+      transpose: whether our (per-layer) array is the transpose of PEFT's tensor.
+      required: ``LoraConfig -> bool``: whether every adapted module has this leaf.
+    """
+
+    ours: str
+    peft: str
+    shape: Callable[[int, int, int], tuple[int, ...]]
+    transpose: bool
+    required: Callable[[LoraConfig], bool]
+
+    def ours_shape(self, r: int, d_in: int, d_out: int) -> tuple[int, ...]:
+        """Our per-layer shape (PEFT's, reversed if transposed)."""
+        shape = self.shape(r, d_in, d_out)
+        return tuple(reversed(shape)) if self.transpose else shape
+
+    def to_peft(self, x: np.ndarray) -> np.ndarray:
+        return x.T if self.transpose else x
+
+    def from_peft(self, x: np.ndarray) -> np.ndarray:
+        return x.T if self.transpose else x
+
+
+LEAVES: tuple[LeafSpec, ...] = (
+    LeafSpec("lora_a", "lora_A.weight", lambda r, i, o: (r, i), True, lambda c: True),
+    LeafSpec("lora_b", "lora_B.weight", lambda r, i, o: (o, r), True, lambda c: True),
+    # DoRA's magnitude (``lora_magnitude``): PEFT's DoraLinearLayer.weight, saved
+    # without its ".weight" suffix (peft.tuners.lora.model.LoraModel._get_adapter_state_dict).
+    LeafSpec(MAGNITUDE, "lora_magnitude_vector", lambda r, i, o: (o,), False, lambda c: c.use_dora),
+)
+_BY_OURS = {spec.ours: spec for spec in LEAVES}
+_BY_PEFT = {spec.peft: spec for spec in LEAVES}
+# PEFT suffixes we know but cannot represent (named in the error message).
+_UNSUPPORTED_SUFFIXES = {
+    "lora_embedding_A": "LoRA on an embedding",
+    "lora_embedding_B": "LoRA on an embedding",
+    "lora_B.bias": "lora_bias=True",
+    "lora_E": "AdaLoRA",
+}
+
+
+def _leaves_for(config: LoraConfig) -> tuple[LeafSpec, ...]:
+    return tuple(spec for spec in LEAVES if spec.required(config))
+
+
+# ---------------------------------------------------------------------------- model side
+@dataclasses.dataclass(frozen=True)
+class _Module:
+    """A Linear module of the model: our path, its HF names (one per stacked layer), features."""
+
+    path: str
+    names: tuple[str, ...]
+    d_in: int
+    d_out: int
+    stacked: bool
+
+
+def _is_scanned(params: Any, where: str) -> bool:
+    try:
+        layers = params["model"]["layers"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{where}: params have no 'model/layers' entry") from None
+    if not isinstance(layers, Mapping) or not layers:
+        raise ValueError(f"{where}: 'model/layers' is not a non-empty dict")
+    return not all(str(k).isdigit() for k in layers)
+
+
+def _llama_config(model_config: Any, scanned: bool, where: str) -> LlamaConfig:
+    if isinstance(model_config, LlamaConfig):
+        return model_config.replace(scan_layers=scanned)
+    if hasattr(model_config, "to_json_string") and hasattr(model_config, "model_type"):
+        return LlamaConfig.from_hf(model_config, scan_layers=scanned)
+    raise ValueError(
+        f"{where}: model_config must be a rslora_jax LlamaConfig or a transformers config, got "
+        f"{type(model_config).__name__}"
+    )
+
+
+def _base_modules(params: Params, config: LlamaConfig, where: str) -> dict[str, _Module]:
+    """The model's Linear modules, checked against `config` (names, kernel shapes)."""
+    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    expected = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(abstract)}
+    given = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(params)}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: the params' kernels do not match the {config.model_type} model config: "
+            f"missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+    modules = {}
+    for path, shape in given.items():
+        if shape != expected[path]:
+            raise ValueError(
+                f"{where}: kernel at {path!r} has shape {shape}, expected {expected[path]} from "
+                "the model config"
+            )
+        stacked = config.scan_layers and tuple(path.split("/")[:2]) == _LAYERS
+        if stacked:
+            names = tuple(hf_module_name(path, i) for i in range(shape[0]))
+            d_in, d_out = shape[1:]
+        else:
+            names = (hf_module_name(path),)
+            d_in, d_out = shape
+        modules[path] = _Module(path, names, int(d_in), int(d_out), stacked)
+    return modules
+
+
+def _last(name: str, sep: str) -> str:
+    return name.rsplit(sep, 1)[-1]
+
+
+def _patterns(
+    values: Mapping[str, Any], default: Any, sep: str, all_names: Sequence[str]
+) -> dict[str, Any]:
+    """Pattern dict that gives ``values[name]`` for every name under PEFT's suffix rule.
+
+    Names are grouped by their last component: a group whose members all have the same
+    non-default value gets one key (the component, e.g. ``v_proj``); otherwise each member that
+    differs from `default` gets a key matching exactly its full name. `all_names` are all names
+    the patterns may be applied to (only the adapted ones here).
+    """
+    groups: dict[str, list[str]] = {}
+    for name in all_names:
+        groups.setdefault(_last(name, sep), []).append(name)
+    out: dict[str, Any] = {}
+    for component in sorted(groups):
+        members = groups[component]
+        vals = {values[n] for n in members}
+        if len(vals) == 1:
+            (val,) = vals
+            if val != default:
+                out[re.escape(component)] = val
+            continue
+        for name in members:
+            if values[name] != default:
+                out[re.escape(name)] = values[name]
+    return out
+
+
+def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rule (``peft.utils.other.get_pattern_key``): the first key that matches a suffix."""
+    for key, val in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return val
+    return default
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ---------------------------------------------------------------------------- file writing
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomically(directory: str | os.PathLike[str], writers: dict[str, Callable]) -> None:
+    """Writes each file under a temporary name in `directory`, then moves all into place."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    real = directory.resolve()
+    targets = {}
+    for name in writers:
+        target = real / name
+        if target.is_symlink():
+            raise ValueError(
+                f"export_peft: {str(target)!r} is a symbolic link (to "
+                f"{str(target.resolve())!r}); refusing to write through it"
+            )
+        if target.exists() and not target.is_file():
+            raise ValueError(f"export_peft: {str(target)!r} exists and is not a regular file")
+        targets[name] = target
+    temps: dict[str, str] = {}
+    try:
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=real)
+            os.close(fd)
+            temps[name] = tmp
+            os.chmod(tmp, 0o666 & ~_umask())
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for name in writers:  # weights first, then the config that announces them
+            os.replace(temps[name], targets[name])
+    finally:
+        for tmp in temps.values():
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------- export
+def _init_to_peft(init: str) -> bool | str:
+    if init == "kaiming_uniform":
+        return True
+    return init  # "gaussian", "pissa", "pissa_niter_<n>", "olora": PEFT's own names
+
+
+def export_peft(
+    directory: str | os.PathLike[str],
+    params: Params,
+    lora_config: LoraConfig,
+    model_config: Any,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = "CAUSAL_LM",
+    dtype: Any = None,
+) -> None:
+    """Writes the adapters of `params` as a PEFT LoRA adapter directory.
+
+    Writes ``adapter_config.json`` (``peft_type`` LORA, ``use_rslora`` always explicit, ``r``,
+    ``lora_alpha``, ``rank_pattern`` / ``alpha_pattern`` as dotted HF module-name regexes that
+    give every module the rank and alpha of `lora_config`, ``target_modules`` as HF module names
+    (the set of last name components of the adapted modules, or a regex when those names would
+    also select modules without an adapter), ...) and ``adapter_model.safetensors`` with PEFT's
+    key names and (out, in) layouts. ``PeftModel.from_pretrained(model, directory)`` on the
+    transformers model of the same base then computes the same logits as
+    ``rslora_jax.lora(LlamaForCausalLM(config).apply, lora_config)``.
+
+    ``init_lora_weights`` records `lora_config.init` in PEFT's terms (True for
+    ``kaiming_uniform``). With PiSSA/OLoRA (``init="pissa"``/``"olora"``), PEFT recomputes the
+    residual base from the base it is given when it loads the adapter: load it onto the original
+    (pre-PiSSA) base model, not onto the residual. For ``"pissa_niter_<n>"``, PEFT's randomized
+    SVD draws other numbers than ours, so that residual differs slightly.
+
+    Both files are first written under temporary names inside `directory` and moved into place
+    with ``os.replace`` once both are complete; nothing is written outside `directory` (symbolic
+    links at the target names are refused).
+
+    Args:
+      directory: target directory (created if missing).
+      params: our params tree with adapters (``lora_a``/``lora_b``, and ``lora_magnitude`` with
+        DoRA), layers scanned (stacked on a leading axis) or not (``model/layers/<i>``).
+      lora_config: the adapters' config (ranks, alphas, scaling).
+      model_config: our `LlamaConfig` or a transformers config of the base model. The layout
+        (scanned or not) is read off `params`.
+      base_model_name_or_path: recorded in the config (PEFT's field); default: the
+        transformers config's ``name_or_path`` if there is one, else None.
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"`` or None).
+      dtype: dtype of the stored tensors; None keeps the adapters' dtype.
+
+    Raises:
+      ValueError: RaSA adapters (not a PEFT format), adapter leaves without a PEFT counterpart,
+        factors whose shapes or ranks do not fit their kernel and `lora_config`, params that do
+        not match `model_config`, a bad `dtype` or `task_type`, or a symbolic link at a target.
+
+    Example:
+      >>> import tempfile, jax
+      >>> from rslora_jax import LoraConfig, init
+      >>> from rslora_jax.models import LlamaConfig, init_params
+      >>> cfg = LlamaConfig.tiny(scan_layers=False)
+      >>> lcfg = LoraConfig(rank=4, alpha=8.0, targets=["q_proj", "v_proj"])
+      >>> params = init(init_params(cfg, jax.random.key(0)), lcfg, jax.random.key(1))
+      >>> tmp = tempfile.TemporaryDirectory()
+      >>> export_peft(tmp.name, params, lcfg, cfg)
+      >>> sorted(os.listdir(tmp.name))
+      ['adapter_config.json', 'adapter_model.safetensors']
+      >>> meta = json.load(open(os.path.join(tmp.name, "adapter_config.json")))
+      >>> meta["use_rslora"], meta["r"], meta["target_modules"]
+      (True, 4, ['q_proj', 'v_proj'])
+      >>> tmp.cleanup()
+    """
+    where = "export_peft"
+    if not isinstance(lora_config, LoraConfig):
+        raise ValueError(f"{where}: lora_config must be a LoraConfig, got {type(lora_config)}")
+    if lora_config.rasa or (isinstance(params, Mapping) and "lora_shared" in params):
+        raise ValueError(
+            f"{where}: RaSA adapters (rank-shared pools) have no PEFT format; merge them "
+            "(rslora_jax.merge) and export the merged model with rslora_jax.hf.save_pretrained"
+        )
+    if task_type not in PEFT_TASK_TYPES:
+        raise ValueError(f"{where}: task_type={task_type!r} must be one of {PEFT_TASK_TYPES}")
+    out_dtype = None
+    if dtype is not None:
+        out_dtype = np.dtype(jnp.dtype(dtype))
+        if out_dtype not in _WRITE_DTYPES:
+            raise ValueError(f"{where}: dtype={dtype!r} must be float32, float16 or bfloat16")
+    scanned = _is_scanned(params, where)
+    model_cfg = _llama_config(model_config, scanned, where)
+    modules = _base_modules(params, model_cfg, where)
+    holders = adapted_holders(params)
+    if not holders:
+        raise ValueError(f"{where}: params hold no adapters (no dict with 'lora_a')")
+    specs = _leaves_for(lora_config)
+
+    tensors: dict[str, np.ndarray] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    adapted_paths: set[str] = set()
+    for path, holder in holders:
+        module = modules[path]
+        adapted_paths.add(path)
+        _check_export_axes(lora_config, path, holder[KERNEL], module)
+        present = {k for k in holder if is_adapter_key(k)}
+        unknown = sorted(present - set(_BY_OURS))
+        if unknown:
+            raise ValueError(
+                f"{where}: adapter leaves {unknown} at {path!r} have no PEFT counterpart "
+                f"(known: {sorted(_BY_OURS)})"
+            )
+        wanted = {spec.ours for spec in specs}
+        if present != wanted:
+            raise ValueError(
+                f"{where}: the adapter at {path!r} has leaves {sorted(present)}, but "
+                f"LoraConfig(use_dora={lora_config.use_dora}) calls for {sorted(wanted)}"
+            )
+        r = int(holder["lora_a"].shape[-1])
+        if r != lora_config.rank_for(path):
+            raise ValueError(
+                f"{where}: the adapter at {path!r} has rank {r} (lora_a {tuple(holder['lora_a'].shape)}), "
+                f"but lora_config gives rank {lora_config.rank_for(path)} there: the scale would be wrong"
+            )
+        stack = (len(module.names),) if module.stacked else ()
+        arrays = {}
+        for spec in specs:
+            want = (*stack, *spec.ours_shape(r, module.d_in, module.d_out))
+            got = tuple(holder[spec.ours].shape)
+            if got != want:
+                raise ValueError(
+                    f"{where}: {path}/{spec.ours} has shape {got}, expected {want} for a kernel "
+                    f"{(*stack, module.d_in, module.d_out)} at rank {r}"
+                )
+            arr = np.asarray(jax.device_get(holder[spec.ours]))
+            if out_dtype is None and arr.dtype not in _WRITE_DTYPES:
+                raise ValueError(
+                    f"{where}: {path}/{spec.ours} has dtype {arr.dtype}; pass dtype=float32"
+                )
+            arrays[spec] = arr
+        for i, name in enumerate(module.names):
+            ranks[name] = r
+            alphas[name] = lora_config.alpha_for(path)
+            for spec, arr in arrays.items():
+                x = spec.to_peft(arr[i] if module.stacked else arr)
+                dt = arr.dtype if out_dtype is None else out_dtype
+                tensors[f"{PEFT_PREFIX}{name}.{spec.peft}"] = np.ascontiguousarray(x, dtype=dt)
+
+    adapted_names = [n for p in sorted(adapted_paths) for n in modules[p].names]
+    if base_model_name_or_path is None and not isinstance(model_config, LlamaConfig):
+        base_model_name_or_path = getattr(model_config, "name_or_path", None) or None
+    config_dict = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "peft_version": PEFT_FORMAT_VERSION,
+        "inference_mode": True,
+        "r": lora_config.rank,
+        "lora_alpha": _number(lora_config.alpha),
+        "use_rslora": lora_config.scaling == "rslora",
+        "target_modules": _target_modules(modules, adapted_paths),
+        "exclude_modules": None,
+        "rank_pattern": _patterns(ranks, lora_config.rank, ".", adapted_names),
+        "alpha_pattern": {
+            k: _number(v)
+            for k, v in _patterns(alphas, lora_config.alpha, ".", adapted_names).items()
+        },
+        "lora_dropout": lora_config.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": _init_to_peft(lora_config.init),
+        "use_dora": lora_config.use_dora,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "layer_replication": None,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "loftq_config": {},
+    }
+    if task_type is None:  # what PEFT writes for AutoPeftModel without a task type
+        family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_cfg.model_type]
+        config_dict["auto_mapping"] = {
+            "base_model_class": f"{family}ForCausalLM",
+            "parent_library": f"transformers.models.{model_cfg.model_type}.modeling_"
+            f"{model_cfg.model_type}",
+        }
+    text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _write_atomically(
+        directory,
+        {
+            ADAPTER_WEIGHTS_NAME: lambda tmp: _write_safetensors(tmp, tensors),
+            ADAPTER_CONFIG_NAME: write_config,
+        },
+    )
+
+
+def _check_export_axes(config: LoraConfig, path: str, kernel: Any, module: _Module) -> None:
+    """The config's axis roles for this kernel, if it states them, must be Llama's Linear ones."""
+    try:
+        axes = config.axes_for(path, kernel.shape)
+    except ValueError:
+        return  # a stacked kernel without kernel_axes: the model's layout is used
+    expected = "lio" if module.stacked else "io"
+    if axes != expected:
+        raise ValueError(
+            f"export_peft: LoraConfig gives kernel axes {axes!r} for {path!r} (kernel "
+            f"{tuple(kernel.shape)}), but this Llama kernel is {expected!r}; PEFT's factors would "
+            "be laid out wrongly"
+        )
+
+
+def _target_modules(modules: Mapping[str, _Module], adapted: set[str]) -> list[str] | str:
+    """PEFT's target_modules: last name components, or an exact regex if those over-match."""
+    components = sorted({_last(modules[p].names[0], ".") for p in adapted})
+    selected = {p for p, m in modules.items() if _last(m.names[0], ".") in components}
+    if selected == adapted:
+        return components
+    parts = [re.escape(name) for path in sorted(adapted) for name in modules[path].names]
+    return "(?:" + "|".join(parts) + ")"
+
+
+# ---------------------------------------------------------------------------- import
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"import_peft: {str(path)!r} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"import_peft: {str(path)!r} does not hold a JSON object")
+    return data
+
+
+def _check_options(meta: Mapping[str, Any], path: Path, strict: bool) -> None:
+    where = f"import_peft: {str(path)!r}"
+    if meta.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{where} has peft_type={meta.get('peft_type')!r}; only 'LORA' adapters are supported"
+        )
+    for field, neutral in _NEUTRAL_OPTIONS.items():
+        if field in meta and meta[field] not in neutral:
+            raise ValueError(
+                f"{where} sets {field}={meta[field]!r}, which rslora_jax does not implement "
+                f"(supported: {neutral[0]!r})"
+            )
+    to_save = meta.get("modules_to_save")
+    if to_save not in (None, []):
+        if strict:
+            raise ValueError(
+                f"{where} sets modules_to_save={to_save!r}: full copies of modules are not "
+                "supported (pass strict=False to ignore them, which changes the outputs)"
+            )
+        warnings.warn(
+            f"{where}: ignoring modules_to_save={to_save!r} (strict=False)",
+            PeftFormatWarning,
+            stacklevel=3,
+        )
+    init = meta.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{where} has init_lora_weights={init!r}: PEFT recomputes a residual base from the base "
+            "weights when it loads such an adapter, which import_peft does not do. Convert it to "
+            "a plain LoRA adapter with PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) and import that"
+        )
+    if init not in _PLAIN_INITS:
+        raise ValueError(f"{where} has an unknown init_lora_weights={init!r}")
+    r = meta.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"{where}: r={r!r} must be a positive int")
+    alpha = meta.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"{where}: lora_alpha={alpha!r} must be a positive number")
+    if "use_rslora" in meta and not isinstance(meta["use_rslora"], bool):
+        raise ValueError(f"{where}: use_rslora={meta['use_rslora']!r} must be true or false")
+    if not isinstance(meta.get("use_dora", False), bool):
+        raise ValueError(f"{where}: use_dora={meta['use_dora']!r} must be true or false")
+    for field in ("rank_pattern", "alpha_pattern"):
+        pats = meta.get(field) or {}
+        if not isinstance(pats, dict):
+            raise ValueError(f"{where}: {field}={pats!r} must be a dict of regex -> value")
+        for key, val in pats.items():
+            try:
+                re.compile(key)
+            except re.error as err:
+                raise ValueError(f"{where}: {field} key {key!r} is not a regex: {err}") from None
+            kind = int if field == "rank_pattern" else (int, float)
+            if isinstance(val, bool) or not isinstance(val, kind) or not val > 0:
+                raise ValueError(f"{where}: {field}[{key!r}]={val!r} is not a valid value")
+    if meta.get("target_modules") is None:
+        raise ValueError(f"{where} has no target_modules")
+
+
+def _peft_selects(meta: Mapping[str, Any], name: str, linear_names: Sequence[str]) -> bool:
+    """PEFT's target rule (``peft.tuners.tuners_utils.check_target_module_exists``)."""
+    exclude = meta.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, name):
+                return False
+        elif name in exclude or any(name.endswith(f".{e}") for e in exclude):
+            return False
+    target = meta.get("target_modules")
+    if isinstance(target, str) and target.lower() == "all-linear":
+        # Expanded by PEFT into the last components of every Linear but the output layer.
+        target = sorted({_last(n, ".") for n in linear_names if n != _OUTPUT_NAME})
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    if name in target:
+        return True
+    found = any(name.endswith(f".{t}") for t in target)
+    indexes = meta.get("layers_to_transform")
+    if indexes is None or indexes == [] or not found:
+        return found
+    pattern = meta.get("layers_pattern")
+    match = None
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for pat in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
+def _read_tensor(handle: Any, name: str, file: Path) -> np.ndarray:
+    try:
+        return np.asarray(handle.get_tensor(name))
+    except TypeError:  # older safetensors cannot give numpy bfloat16: read the bytes
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            info = header[name]
+            begin, end = info["data_offsets"]
+            f.seek(8 + n + begin)
+            data = f.read(end - begin)
+        dt = _ST_DTYPES[info["dtype"]]
+        return np.frombuffer(data, dtype=dt).reshape(info["shape"]).copy()
+
+
+def _our_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
+    return _patterns(values, default, "/", sorted(values))
+
+
+def _our_targets(adapted: set[str], meta: Mapping[str, Any], all_paths: Sequence[str]) -> Any:
+    """A LoraConfig.targets that selects exactly `adapted` (PEFT's list if it does)."""
+    target = meta.get("target_modules")
+    if isinstance(target, list) and not meta.get("exclude_modules"):
+        names = tuple(sorted(t.replace(".", "/") for t in target))
+        probe = LoraConfig(targets=names)
+        if {p for p in all_paths if probe.is_target(p, None)} == adapted:
+            return names
+    return "(?:" + "|".join(re.escape(p) for p in sorted(adapted)) + ")"
+
+
+def import_peft(
+    directory: str | os.PathLike[str],
+    params: Params,
+    model_config: Any,
+    *,
+    strict: bool = True,
+    expected_base_model: str | None = None,
+    dtype: Any = jnp.float32,
+) -> tuple[Params, LoraConfig]:
+    """Loads a PEFT LoRA/rsLoRA adapter (trained with PEFT on PyTorch) into our params tree.
+
+    Applies PEFT's rules to the adapter's config: which modules are adapted
+    (``target_modules``, ``exclude_modules``, ``layers_to_transform``), their rank and alpha
+    (``rank_pattern``/``alpha_pattern``, first '.'-bounded suffix match), and the scale
+    (``lora_alpha/sqrt(r)`` with ``use_rslora``, else ``lora_alpha/r``). The returned
+    `LoraConfig` gives, through ``scale_for(path)``/``rank_for(path)``, the same per-module
+    values with patterns over our '/' paths, so
+    ``rslora_jax.lora(LlamaForCausalLM(config).apply, lora_config)`` computes PEFT's logits.
+
+    A config without ``use_rslora`` is read as PEFT reads it (``alpha / r``: such files come from
+    PEFT versions before rsLoRA), with a `PeftFormatWarning`.
+
+    Checks (each a ValueError naming the key, shapes and what was expected): ``peft_type`` other
+    than LORA; options we do not implement (``bias`` other than "none", ``lora_bias``,
+    ``fan_in_fan_out``, layer replication, trainable tokens, aLoRA, ... and base-changing inits
+    such as PiSSA/OLoRA, which PEFT recomputes on load); adapters on embeddings or on a tied
+    ``lm_head``; modules or shapes that do not exist in `params` (a different base model);
+    lora_A not (r, in_features) or lora_B not (out_features, r) with r from
+    ``rank_pattern``/``r`` (a transposed factor has the right numbers in the wrong order; a
+    square one is caught by its rank); missing or unexpected tensors (with ``strict``); a
+    ``base_model_name_or_path`` other than `expected_base_model`. Only safetensors are read:
+    a pickled ``adapter_model.bin`` is refused.
+
+    Args:
+      directory: the adapter directory (``adapter_config.json``,
+        ``adapter_model.safetensors``).
+      params: our base params tree (no adapters), scanned or not.
+      model_config: our `LlamaConfig` or a transformers config of the base model.
+      strict: if False, adapted modules without tensors get no adapter, and tensors we cannot
+        use (unknown modules, embeddings, ``modules_to_save``) are ignored, with a
+        `PeftFormatWarning` listing them. Shape and rank errors are never relaxed.
+      expected_base_model: if given, must equal the adapter's ``base_model_name_or_path``.
+      dtype: dtype of the adapter factors (and of the returned config).
+
+    Returns:
+      ``(params_with_adapters, lora_config)``. Scanned params get stacked adapters and a
+      config with ``kernel_axes="lio"``.
+
+    Raises:
+      ValueError: see above; also per-layer ranks or alphas that differ within a scanned
+        (stacked) module, or adapters on only some of its layers (load with
+        ``scan_layers=False``).
+
+    Example:
+      >>> import tempfile, jax
+      >>> from rslora_jax import LoraConfig, init
+      >>> from rslora_jax.models import LlamaConfig, init_params
+      >>> cfg = LlamaConfig.tiny(scan_layers=False)
+      >>> base = init_params(cfg, jax.random.key(0))
+      >>> lcfg = LoraConfig(rank=4, alpha=8.0, targets=["q_proj", "v_proj"])
+      >>> tmp = tempfile.TemporaryDirectory()
+      >>> export_peft(tmp.name, init(base, lcfg, jax.random.key(1)), lcfg, cfg)
+      >>> params, got = import_peft(tmp.name, base, cfg)
+      >>> got.scale_for("model/layers/0/self_attn/q_proj"), got.targets
+      (4.0, ('q_proj', 'v_proj'))
+      >>> params["model"]["layers"]["1"]["self_attn"]["v_proj"]["lora_b"].shape
+      (4, 16)
+      >>> tmp.cleanup()
+    """
+    where = "import_peft"
+    path = Path(directory)
+    config_file = path / ADAPTER_CONFIG_NAME
+    weights_file = path / ADAPTER_WEIGHTS_NAME
+    if not config_file.is_file():
+        raise ValueError(f"{where}: {str(path)!r} has no {ADAPTER_CONFIG_NAME}")
+    if not weights_file.is_file():
+        pickles = [n for n in _PICKLE_NAMES if (path / n).exists()]
+        if pickles:
+            raise ValueError(
+                f"{where}: {str(path)!r} holds only pickled weights ({', '.join(pickles)}); "
+                "rslora_jax reads safetensors only (pickles can run code on load). Re-save the "
+                "adapter with PEFT's save_pretrained(..., safe_serialization=True)"
+            )
+        raise ValueError(f"{where}: {str(path)!r} has no {ADAPTER_WEIGHTS_NAME}")
+    meta = _read_json(config_file)
+    _check_options(meta, config_file, strict)
+    if expected_base_model is not None and meta.get("base_model_name_or_path") != (
+        expected_base_model
+    ):
+        raise ValueError(
+            f"{where}: the adapter in {str(path)!r} was trained on base_model_name_or_path="
+            f"{meta.get('base_model_name_or_path')!r}, expected {expected_base_model!r}"
+        )
+    if "use_rslora" not in meta:
+        warnings.warn(
+            f"{where}: {str(config_file)!r} has no 'use_rslora' field; reading it as PEFT does, "
+            "with use_rslora=False (scale lora_alpha / r)",
+            PeftFormatWarning,
+            stacklevel=2,
+        )
+    use_rslora = bool(meta.get("use_rslora", False))
+    use_dora = bool(meta.get("use_dora", False))
+    r_default = int(meta["r"])
+    alpha_default = float(meta.get("lora_alpha", 8))
+    rank_pattern = meta.get("rank_pattern") or {}
+    alpha_pattern = meta.get("alpha_pattern") or {}
+
+    if any(is_adapter_key(k) for k in _all_keys(params)):
+        raise ValueError(f"{where}: params already hold adapter leaves; pass the base tree")
+    scanned = _is_scanned(params, where)
+    model_cfg = _llama_config(model_config, scanned, where)
+    modules = _base_modules(params, model_cfg, where)
+    by_name = {name: (m, i) for m in modules.values() for i, name in enumerate(m.names)}
+    linear_names = list(by_name)
+
+    # Modules PEFT adapts, per its config.
+    unsupported = [_EMBEDDING_NAME] + ([_OUTPUT_NAME] if model_cfg.tie_word_embeddings else [])
+    for name in unsupported:
+        if _peft_selects(meta, name, linear_names):
+            what = "the token embedding" if name == _EMBEDDING_NAME else "the tied lm_head"
+            raise ValueError(
+                f"{where}: {str(config_file)!r} (target_modules={meta.get('target_modules')!r}) "
+                f"adapts {name!r}, {what}; LoRA there is not supported"
+            )
+    targeted = [n for n in linear_names if _peft_selects(meta, n, linear_names)]
+    if not targeted:
+        raise ValueError(
+            f"{where}: target_modules={meta.get('target_modules')!r} selects no Linear module of "
+            f"the base model (modules: {linear_names[:10]}...)"
+        )
+    config_probe = LoraConfig(use_dora=use_dora)
+    specs = _leaves_for(config_probe)
+
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="numpy") as handle:
+        keys = list(handle.keys())
+        shapes = {k: tuple(int(d) for d in handle.get_slice(k).get_shape()) for k in keys}
+        dtypes = {k: handle.get_slice(k).get_dtype() for k in keys}
+        prefixed = [k.startswith(PEFT_PREFIX) for k in keys]
+        strip = len(PEFT_PREFIX) if keys and all(prefixed) else 0
+        if any(prefixed) and not all(prefixed):
+            bad = [k for k, p in zip(keys, prefixed) if not p][:5]
+            raise ValueError(
+                f"{where}: {str(weights_file)!r} mixes keys with and without the "
+                f"{PEFT_PREFIX!r} prefix, e.g. {bad}"
+            )
+        found, unexpected = _classify_keys(keys, strip, specs, by_name, targeted, meta)
+        missing = [
+            f"{PEFT_PREFIX}{n}.{s.peft}"
+            for n in targeted
+            for s in specs
+            if (n, s.ours) not in found
+        ]
+        missing_modules = {n for n in targeted if any((n, s.ours) not in found for s in specs)}
+        if strict and (unexpected or missing):
+            msg = [f"{where}: {str(weights_file)!r} does not match its adapter config and base:"]
+            if missing:
+                msg.append(f"missing tensors ({len(missing)}): {missing[:10]}")
+            if unexpected:
+                msg.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:10]}")
+            raise ValueError(" ".join(msg))
+        if unexpected or missing:
+            warnings.warn(
+                f"{where}: strict=False: ignoring unexpected tensors {unexpected[:10]} and "
+                f"modules without (all) tensors {sorted(missing_modules)[:10]}",
+                PeftFormatWarning,
+                stacklevel=2,
+            )
+        loaded = [n for n in targeted if n not in missing_modules]
+        if not loaded:
+            raise ValueError(f"{where}: {str(weights_file)!r} holds no usable adapter")
+
+        # Shapes, ranks, dtypes: checked for every tensor before any is read.
+        ranks = {n: _pattern_value(rank_pattern, n, r_default) for n in loaded}
+        alphas = {n: float(_pattern_value(alpha_pattern, n, alpha_default)) for n in loaded}
+        for name in loaded:
+            module, _ = by_name[name]
+            r = ranks[name]
+            for spec in specs:
+                key = found[(name, spec.ours)]
+                _check_shape(key, shapes[key], spec, r, module, rank_pattern)
+                if dtypes[key] not in _ST_DTYPES:
+                    raise ValueError(
+                        f"{where}: tensor {key!r} has dtype {dtypes[key]}; expected one of "
+                        f"{sorted(_ST_DTYPES)}"
+                    )
+
+        # Group by our path (stacked modules: all layers must agree).
+        per_path: dict[str, list[str]] = {}
+        for name in loaded:
+            per_path.setdefault(by_name[name][0].path, []).append(name)
+        path_rank: dict[str, int] = {}
+        path_alpha: dict[str, float] = {}
+        adapters: dict[str, Any] = {}
+        np_dtype = np.dtype(jnp.dtype(dtype))
+        for p, names in per_path.items():
+            module = modules[p]
+            if module.stacked:
+                if len(names) != len(module.names):
+                    absent = sorted(set(module.names) - set(names))
+                    raise ValueError(
+                        f"{where}: the adapter covers only some layers of the stacked module "
+                        f"{p!r} (no adapter on {absent[:5]}); load the base with "
+                        "scan_layers=False"
+                    )
+                for field, vals in (("rank", ranks), ("alpha", alphas)):
+                    seen = {n: vals[n] for n in module.names}
+                    if len(set(seen.values())) > 1:
+                        raise ValueError(
+                            f"{where}: per-layer {field}s differ within the stacked module "
+                            f"{p!r} ({seen}); a scanned tree holds one {field} per stack: load "
+                            "the base with scan_layers=False"
+                        )
+                names = list(module.names)
+            path_rank[p] = ranks[names[0]]
+            path_alpha[p] = alphas[names[0]]
+            node = adapters
+            for k in p.split("/"):
+                node = node.setdefault(k, {})
+            for spec in specs:
+                arrs = [
+                    spec.from_peft(_read_tensor(handle, found[(n, spec.ours)], weights_file))
+                    for n in names
+                ]
+                arr = np.stack(arrs) if module.stacked else arrs[0]
+                node[spec.ours] = jnp.asarray(arr.astype(np_dtype))
+
+    adapted = set(per_path)
+    init = meta.get("init_lora_weights", True)
+    lora_config = LoraConfig(
+        rank=r_default,
+        alpha=alpha_default,
+        targets=_our_targets(adapted, meta, list(modules)),
+        scaling="rslora" if use_rslora else "lora",
+        rank_pattern=_our_patterns(path_rank, r_default),
+        alpha_pattern=_our_patterns(path_alpha, alpha_default),
+        init="gaussian" if init == "gaussian" else "kaiming_uniform",
+        dropout=float(meta.get("lora_dropout", 0.0) or 0.0),
+        dtype=dtype,
+        kernel_axes="lio" if scanned else None,
+        use_dora=use_dora,
+    )
+    for p in adapted:  # the translation is exact (a cheap check of our own patterns)
+        if lora_config.rank_for(p) != path_rank[p] or lora_config.alpha_for(p) != path_alpha[p]:
+            raise AssertionError(f"internal error: pattern translation failed at {p!r}")
+    return combine(adapters, params), lora_config
+
+
+def _classify_keys(
+    keys: Sequence[str],
+    strip: int,
+    specs: Sequence[LeafSpec],
+    by_name: Mapping[str, Any],
+    targeted: Sequence[str],
+    meta: Mapping[str, Any],
+) -> tuple[dict[tuple[str, str], str], list[str]]:
+    """``{(module name, our leaf): key}`` for the usable keys, and the others with a reason."""
+    found: dict[tuple[str, str], str] = {}
+    unexpected: list[str] = []
+    chosen = set(targeted)
+    for key in keys:
+        body = key[strip:]
+        spec = next((s for s in specs if body.endswith("." + s.peft)), None)
+        if spec is None:
+            known = next((d for s, d in _UNSUPPORTED_SUFFIXES.items() if s in body), None)
+            other = next((s for s in _BY_PEFT if body.endswith("." + s)), None)
+            if known:
+                reason = f"{known} is not supported"
+            else:
+                reason = f"{other!r} needs use_dora" if other else "not a LoRA factor"
+            unexpected.append(f"{key} ({reason})")
+            continue
+        name = body[: -len(spec.peft) - 1]
+        if name not in by_name:
+            unexpected.append(f"{key} (module {name!r} does not exist in the base params)")
+        elif name not in chosen:
+            unexpected.append(
+                f"{key} (module {name!r} is not selected by target_modules="
+                f"{meta.get('target_modules')!r})"
+            )
+        else:
+            found[(name, spec.ours)] = key
+    return found, unexpected
+
+
+def _all_keys(tree: Any) -> list[str]:
+    out = []
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            out.append(k)
+            out.extend(_all_keys(v))
+    return out
+
+
+def _check_shape(
+    key: str,
+    shape: tuple[int, ...],
+    spec: LeafSpec,
+    r: int,
+    module: _Module,
+    rank_pattern: Mapping[str, Any],
+) -> None:
+    want = spec.shape(r, module.d_in, module.d_out)
+    if shape == want:
+        return
+    source = (
+        "rank_pattern"
+        if rank_pattern and any(re.match(rf"(.*\.)?({k})$", module.names[0]) for k in rank_pattern)
+        else "r"
+    )
+    msg = (
+        f"import_peft: tensor {key!r} has shape {shape}, expected {want} "
+        f"({spec.peft} of a module with in_features={module.d_in}, "
+        f"out_features={module.d_out}, rank {r} from the config's {source})"
+    )
+    if len(shape) == len(want) == 2 and shape == want[::-1]:
+        msg += ": the factor is stored transposed"
+    elif len(shape) == 2 and len(want) == 2:
+        r_axis = 0 if spec.peft.startswith("lora_A") else 1
+        other = 1 - r_axis
+        if shape[other] == want[other]:
+            msg += (
+                f": its rank is {shape[r_axis]}, but the config (rank_pattern/r) says {r}, so "
+                "the scale would be wrong"
+            )
+        elif shape[::-1][other] == want[other]:
+            msg += ": the factor looks transposed and its rank does not match the config"
+    raise ValueError(msg)
+
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "LEAVES",
+    "PEFT_FORMAT_VERSION",
+    "LeafSpec",
+    "PeftFormatWarning",
+    "export_peft",
+    "import_peft",
+]
