@@ -176,7 +176,10 @@ def init_adapters(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
 
     Only the kernels' shapes are read, so `params` may be abstract (`jax.ShapeDtypeStruct`
     leaves, e.g. from `jax.eval_shape`): build adapters for a model that is not materialised yet,
-    or under `jax.jit` with ``out_shardings`` from `partition_specs`.
+    or under `jax.jit` with ``out_shardings`` from `partition_specs`. Exceptions: DoRA
+    (``use_dora``) reads the kernels' values for its magnitudes, and PiSSA/OLoRA inits change
+    the base, so they need `init`. With ``config.rasa`` the tree holds RaSA's entries
+    (`rslora_jax.rasa`).
 
     Args:
       params: the parameter tree (nested dicts).
@@ -184,7 +187,11 @@ def init_adapters(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
       key: a PRNG key.
 
     Returns:
-      Nested dicts holding ``lora_a`` / ``lora_b`` for each target path.
+      Nested dicts holding ``lora_a`` / ``lora_b`` for each target path (and ``lora_magnitude``
+      with DoRA; ``lora_d`` and the top-level ``lora_shared`` pools with RaSA).
+
+    Raises:
+      ValueError: as `init`, and for a base-modifying ``config.init`` (PiSSA, OLoRA).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -193,6 +200,16 @@ def init_adapters(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
       >>> jax.tree.map(lambda x: x.shape, ad)
       {'dense': {'lora_a': (6, 2), 'lora_b': (2, 4)}}
     """
+    if config.base_modifying_init:
+        raise ValueError(
+            f"LoraConfig.init={config.init!r} changes the base kernels (W - gamma*A@B), so "
+            "init_adapters cannot return the adapters alone; use rslora_jax.init, or "
+            "rslora_jax.variants.principal_init for the pair (adapters, base)"
+        )
+    if config.rasa:
+        from rslora_jax import rasa  # rasa builds on this module
+
+        return rasa.init_adapters(params, config, key)
     paths = target_paths(params, config)
     holders = {join_path(k): (k, h) for k, h in iter_holders(params)}
     plan = []
@@ -214,6 +231,18 @@ def init_adapters(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
 
     # One compiled program for all factors (eager sampling would compile once per shape).
     out = jax.jit(make)(key)
+    if config.use_dora:
+        from rslora_jax import variants  # variants builds on this module
+
+        out = _merge_trees(out, variants.magnitudes(params, out, config))
+    return out
+
+
+def _merge_trees(a: PyTree, b: PyTree) -> PyTree:
+    """Union of two nested dicts with disjoint leaves."""
+    out = dict(a)
+    for key, val in b.items():
+        out[key] = _merge_trees(out[key], val) if key in out else val
     return out
 
 
@@ -224,6 +253,11 @@ def init(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
     (``(*l, r, d_out)``, zeros) added to each targeted kernel's dict, so the model's output is
     unchanged. Keys are derived per path, so the result does not depend on dict order.
 
+    Variants, chosen by `config`: RaSA (``rasa=True``, `rslora_jax.rasa`), DoRA (``use_dora``:
+    adds ``lora_magnitude``), and PiSSA / OLoRA (``init="pissa"``, ``"pissa_niter_<n>"``,
+    ``"olora"``): these also replace the targeted kernels by ``W - gamma * A @ B``, so the
+    model's output is still unchanged (see `rslora_jax.variants`).
+
     Args:
       params: a Flax parameter tree (nested dicts; the ``params`` collection, not the whole
         variables dict).
@@ -231,7 +265,8 @@ def init(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
       key: a PRNG key.
 
     Returns:
-      The same tree with adapters added (leaves of `params` are shared, not copied).
+      The same tree with adapters added (leaves of `params` are shared, not copied, except the
+      kernels that PiSSA/OLoRA change).
 
     Raises:
       ValueError: if nothing is targeted (listing candidate paths), if a target already has
@@ -244,6 +279,11 @@ def init(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
       >>> sorted(out["q_proj"]), sorted(out["lm_head"])
       (['kernel', 'lora_a', 'lora_b'], ['kernel'])
     """
+    if config.base_modifying_init:
+        from rslora_jax import variants  # variants builds on this module
+
+        adapters, base = variants.principal_init(params, config, key)
+        return combine(adapters, base)
     return combine(init_adapters(params, config, key), params)
 
 

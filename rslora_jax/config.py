@@ -40,7 +40,14 @@ import numpy as np
 TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
 
 SCALINGS = ("rslora", "lora")
-INITS = ("kaiming_uniform", "gaussian")
+INITS = ("kaiming_uniform", "gaussian", "pissa", "pissa_niter_<n>", "olora")  # for messages
+_NAMED_INITS = ("kaiming_uniform", "gaussian", "pissa", "olora")
+# Inits that read the base kernels and change them (the base becomes W - gamma * A @ B).
+BASE_MODIFYING_INITS = ("pissa", "olora")
+RASA_INITS = ("paper", "rslora")
+# A path's layer index for RaSA grouping: ".../layers/<int>/..." (group 1 is the index).
+DEFAULT_RASA_LAYER_PATTERN = r"(?:^|/)layers/(\d+)(?:/|$)"
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 ALL_LINEAR = "all-linear"
 # Output layers that "all-linear" leaves alone (as PEFT does).
 OUTPUT_LAYER_NAMES = ("lm_head",)
@@ -151,7 +158,11 @@ class LoraConfig:
       init: initialisation of ``lora_a`` (``lora_b`` is zero): ``"kaiming_uniform"`` (PEFT's
         default, ``A ~ U(-1/sqrt(d_in), 1/sqrt(d_in))``) or ``"gaussian"``
         (``A ~ N(0, 1/d_in)``: unlike PEFT's ``gaussian``, whose std is ``1/r``, the variance
-        does not depend on the rank, as the rsLoRA theorem assumes).
+        does not depend on the rank, as the rsLoRA theorem assumes). Or a base-modifying
+        initialisation as PEFT's ``init_lora_weights`` (see `rslora_jax.variants`):
+        ``"pissa"`` (exact SVD), ``"pissa_niter_<n>"`` (randomized SVD with ``n`` subspace
+        iterations) or ``"olora"`` (QR); `rslora_jax.init` then also returns the base kernels
+        changed to ``W - gamma * A @ B``, so the model's output is unchanged.
       fan_in_fan_out: ``True`` if 2-D kernels are stored (out, in) (GPT-2's Conv1D), or a path
         regex (full match) selecting those kernels.
       dropout: dropout rate on the adapter input (factored forward only; active when the apply
@@ -159,6 +170,23 @@ class LoraConfig:
       dtype: dtype of the adapter factors (default float32).
       kernel_axes: axis roles of kernels with more than two axes (see the module docstring):
         a string for all kernels of that many axes, or ``{path regex: string}``.
+      use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): each adapted kernel also
+        gets a trainable magnitude vector ``lora_magnitude`` (one entry per output feature) and
+        the layer computes ``m * (W + gamma*A@B) / ||W + gamma*A@B||`` (column norms over the
+        input axes, detached from the gradient as in PEFT). See `rslora_jax.variants`.
+      rasa: RaSA (rank-sharing LoRA, He et al. 2025): adapters of one module type across
+        layers share a pool of ``L * rasa_k`` ranks; see `rslora_jax.rasa`. The per-layer
+        diagonal ``lora_d`` carries the scale, so `scaling` is not used for RaSA adapters.
+      rasa_k: ranks each layer contributes to its module type's shared pool (each layer keeps
+        ``r - k`` private ranks); default ``max(r // 8, 1)`` (the paper's). Must be < r.
+      rasa_layer_pattern: regex (searched in the path) with one group capturing a layer index;
+        layers are grouped by module type, i.e. the path with that group removed
+        (``model/layers/3/self_attn/q_proj`` -> ``model/layers/self_attn/q_proj``). Default:
+        ``layers/<int>/``. A kernel with a leading layer axis (scanned layers, ``'l...'``) is
+        a group on its own, of the stack's size.
+      rasa_init: initial diagonal: ``"paper"`` (``alpha/(2(r-k))`` on private and
+        ``alpha/(2Lk)`` on shared entries) or ``"rslora"`` (our rank-stabilised extension,
+        not in the paper: ``alpha/(2 sqrt(r-k))`` and ``alpha/(2 sqrt(L k))``).
 
     Raises:
       ValueError: for any invalid field, naming the field and the value.
@@ -183,6 +211,11 @@ class LoraConfig:
     dropout: float = 0.0
     dtype: Any = jnp.float32
     kernel_axes: str | Mapping[str, str] | tuple[tuple[str, str], ...] | None = None
+    use_dora: bool = False
+    rasa: bool = False
+    rasa_k: int | None = None
+    rasa_layer_pattern: str = DEFAULT_RASA_LAYER_PATTERN
+    rasa_init: Literal["paper", "rslora"] = "paper"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -211,7 +244,9 @@ class LoraConfig:
             "alpha_pattern",
             tuple((k, _check_alpha(f"alpha_pattern[{k!r}]", v)) for k, v in alphas),
         )
-        if self.init not in INITS:
+        if not isinstance(self.init, str) or (
+            self.init not in _NAMED_INITS and _PISSA_NITER.fullmatch(self.init) is None
+        ):
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
         if not isinstance(self.fan_in_fan_out, bool):
             if not isinstance(self.fan_in_fan_out, str):
@@ -244,6 +279,53 @@ class LoraConfig:
                     _check_axes(f"[{key!r}]", val)
                 axes = frozen
         set_(self, "kernel_axes", axes)
+        self._check_variants()
+
+    def _check_variants(self) -> None:
+        for field in ("use_dora", "rasa"):
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"LoraConfig.{field} must be a bool, got {getattr(self, field)!r}")
+        k = self.rasa_k
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+                raise ValueError(f"LoraConfig.rasa_k must be a positive int or None, got {k!r}")
+            object.__setattr__(self, "rasa_k", int(k))
+            if not self.rasa:
+                raise ValueError(
+                    f"LoraConfig.rasa_k={k!r} is set but rasa=False; set rasa=True or drop rasa_k"
+                )
+            if k >= self.rank:
+                raise ValueError(
+                    f"LoraConfig.rasa_k must be smaller than rank ({self.rank}): each layer keeps "
+                    f"rank - rasa_k private ranks; got rasa_k={k!r}"
+                )
+        if not isinstance(self.rasa_layer_pattern, str):
+            raise ValueError(
+                "LoraConfig.rasa_layer_pattern must be a regex string, "
+                f"got {self.rasa_layer_pattern!r}"
+            )
+        pattern = _compile("rasa_layer_pattern", self.rasa_layer_pattern)
+        if pattern.groups != 1:
+            raise ValueError(
+                "LoraConfig.rasa_layer_pattern must have exactly one group (the layer index), "
+                f"got {self.rasa_layer_pattern!r} with {pattern.groups} groups"
+            )
+        if self.rasa_init not in RASA_INITS:
+            raise ValueError(
+                f"LoraConfig.rasa_init must be one of {RASA_INITS}, got {self.rasa_init!r}"
+            )
+        if self.rasa and self.rank < 2:
+            raise ValueError(
+                f"LoraConfig.rank must be >= 2 with rasa=True (k >= 1 shared and >= 1 private "
+                f"rank per layer), got {self.rank!r}"
+            )
+        if self.rasa and self.base_modifying_init:
+            raise ValueError(
+                f"LoraConfig.init={self.init!r} cannot be combined with rasa=True (RaSA draws "
+                "its factors at random)"
+            )
+        if self.rasa and self.use_dora:
+            raise ValueError("LoraConfig.use_dora=True cannot be combined with rasa=True")
 
     # ------------------------------------------------------------------ per-path values
     def rank_for(self, path: str) -> int:
@@ -304,6 +386,50 @@ class LoraConfig:
                 f"{tuple(shape)} ({ndim} axes)"
             )
         return axes
+
+    @property
+    def base_modifying_init(self) -> bool:
+        """Whether `init` is PiSSA or OLoRA (it changes the base kernels)."""
+        return self.init in BASE_MODIFYING_INITS or _PISSA_NITER.fullmatch(self.init) is not None
+
+    def pissa_niter(self) -> int | None:
+        """``n`` of ``init="pissa_niter_<n>"`` (randomized SVD), else None."""
+        m = _PISSA_NITER.fullmatch(self.init)
+        return int(m.group(1)) if m else None
+
+    def rasa_k_for(self, path: str) -> int:
+        """RaSA's shared ranks per layer at `path`: `rasa_k`, or ``max(r // 8, 1)``.
+
+        Example:
+          >>> LoraConfig(rank=16, rasa=True).rasa_k_for("any")
+          2
+        """
+        return self.rasa_k if self.rasa_k is not None else max(self.rank_for(path) // 8, 1)
+
+    def rasa_module(self, path: str) -> tuple[str, int | None]:
+        """RaSA's module type of `path` and its layer index (None if the path has none).
+
+        The module type is the path with the layer index of `rasa_layer_pattern` removed.
+
+        Example:
+          >>> LoraConfig(rasa=True).rasa_module("model/layers/3/self_attn/q_proj")
+          ('model/layers/self_attn/q_proj', 3)
+          >>> LoraConfig(rasa=True).rasa_module("model/layers/self_attn/q_proj")
+          ('model/layers/self_attn/q_proj', None)
+        """
+        m = re.search(self.rasa_layer_pattern, path)
+        if m is None or m.group(1) is None:
+            return path, None
+        try:
+            index = int(m.group(1))
+        except ValueError:
+            raise ValueError(
+                f"LoraConfig.rasa_layer_pattern {self.rasa_layer_pattern!r} captured "
+                f"{m.group(1)!r} in {path!r}, which is not a layer index (an int)"
+            ) from None
+        module = path[: m.start(1)] + path[m.end(1) :]
+        module = re.sub("/+", "/", module).strip("/")
+        return module, index
 
     def is_fan_in_fan_out(self, path: str) -> bool:
         if isinstance(self.fan_in_fan_out, bool):

@@ -12,6 +12,14 @@ Two ways to compute an adapted layer, with the same result:
 ``mode="auto"`` (the default) uses the factored path where it can and merges the rest. Which
 layers can be factored is found once per input structure by an abstract trace
 (`jax.eval_shape`), so it costs no FLOPs.
+
+Variants. RaSA layers (`rslora_jax.rasa`) are computed as one LoRA pair
+``[A_i | A_S], diag(d_i) [B_i ; B_S]`` with scale 1: the wrapper takes the top-level
+``lora_shared`` pools out of the params before calling the model and hands them to the
+interceptor (by closure), so they also reach layers inside ``nn.scan``. DoRA layers
+(`rslora_jax.variants`) add ``(m/n - 1) * (x @ W) + (m/n) * gamma * (x @ A) @ B`` with the
+column norm ``n = ||W + gamma*A@B||`` detached; DoRA is factored for Dense, Dense-like and
+DenseGeneral layers (Einsum layers with DoRA are merged in ``mode="auto"``).
 """
 
 from __future__ import annotations
@@ -27,9 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rslora_jax import native, rasa
 from rslora_jax.adapters import adapter_paths, join_path
 from rslora_jax.config import LoraConfig
 from rslora_jax.merge import merge, merged_kernels
+from rslora_jax.variants import MAGNITUDE, column_norm
 
 Mode = Literal["auto", "factored", "merged"]
 MODES = ("auto", "factored", "merged")
@@ -194,7 +204,34 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
-def _interceptor(config: LoraConfig, handled: set[str], skip: frozenset[str], compute: bool):
+def _local_matrix(module: nn.Module, kernel: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """The (local) kernel of a Dense-like or DenseGeneral module as (d_in, d_out), and the
+    shape of the module's output features."""
+    if isinstance(module, nn.DenseGeneral):
+        features = (
+            module.features if isinstance(module.features, (tuple, list)) else (module.features,)
+        )
+        out_shape = tuple(features)
+        d_out = math.prod(out_shape)
+        return kernel.reshape(-1, d_out), out_shape
+    if type(module).__name__ == "FlaxConv1D":  # stored (out, in)
+        return kernel.T, (kernel.shape[0],)
+    return kernel, (kernel.shape[-1],)
+
+
+def _with_input(module: nn.Module, args: tuple, kwargs: dict, x: jax.Array):
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "inputs": x}
+
+
+def _interceptor(
+    config: LoraConfig,
+    handled: set[str],
+    skip: frozenset[str],
+    compute: bool,
+    shared: Any = None,
+):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__":
@@ -202,8 +239,15 @@ def _interceptor(config: LoraConfig, handled: set[str], skip: frozenset[str], co
         handler = _handler(module)
         if handler is None or not _adapted(module):
             return next_fun(*args, **kwargs)
+        dora = module.has_variable("params", MAGNITUDE)
+        if dora and handler is _einsum_delta:
+            return next_fun(*args, **kwargs)  # not factored: merged by mode="auto"
         path = join_path(module.path)
         if path in skip:
+            return next_fun(*args, **kwargs)
+        ctx = native.active()
+        if ctx is not None and path in ctx.claimed:  # the model computes this adapter itself
+            handled.add(path)
             return next_fun(*args, **kwargs)
         handled.add(path)
         y = next_fun(*args, **kwargs)
@@ -213,10 +257,35 @@ def _interceptor(config: LoraConfig, handled: set[str], skip: frozenset[str], co
         a = module.get_variable("params", "lora_a")
         b = module.get_variable("params", "lora_b")
         kernel = module.get_variable("params", "kernel")
+        x_in = x
         x = _dropout(module, x, config.dropout)
         scale = config.scale_for(path)
+        if module.has_variable("params", rasa.DIAG):
+            holder = {"lora_a": a, "lora_b": b, rasa.DIAG: module.get_variable("params", rasa.DIAG)}
+            a, b = rasa.factors(holder, path, config, shared)
+            scale = 1.0
         out = handler(module, path, x, kernel, a, b, scale, y.dtype, call_args)
-        return y + out.astype(y.dtype)
+        if not dora:
+            return y + out.astype(y.dtype)
+        # DoRA, as PEFT's DoraLinearLayer.forward: y + (m/n - 1) * (x @ W) + (m/n) * lora(x),
+        # with the column norm n = ||W + gamma*A@B|| detached.
+        w, out_shape = _local_matrix(module, kernel)
+        n = jax.lax.stop_gradient(column_norm(w, a, b, scale))
+        m = module.get_variable("params", MAGNITUDE).astype(jnp.float32)
+        factor = (m / n).reshape(out_shape).astype(y.dtype)
+        bias = (
+            module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+        )
+        if x is x_in:
+            base = y
+        else:  # dropout is active: PEFT recomputes the base output on the dropped-out input
+            d_args, d_kwargs = _with_input(module, args, kwargs, x)
+            own = {"kernel": kernel} if bias is None else {"kernel": kernel, "bias": bias}
+            base = module.clone(parent=None).apply({"params": own}, *d_args, **d_kwargs)
+        if bias is not None:
+            base = base - bias.astype(base.dtype)
+        one = jnp.ones((), y.dtype)
+        return y + (factor - one) * base + factor * out.astype(y.dtype)
 
     return intercept
 
@@ -251,7 +320,10 @@ def _factorable(apply_fn, config, variables, args, kwargs) -> frozenset[str]:
         for i, val in zip(dyn_idx, dyn):
             full[i] = val
         v, a, kw = jax.tree.unflatten(treedef, full)
-        with nn.intercept_methods(_interceptor(config, handled, frozenset(), compute=False)):
+        with (
+            native.activate(config, frozenset(), config.dropout == 0.0),
+            nn.intercept_methods(_interceptor(config, handled, frozenset(), compute=False)),
+        ):
             return apply_fn(v, *a, **kw)
 
     handled: set[str] = set()
@@ -297,6 +369,8 @@ def lora(
       >>> apply = lora(model.apply, cfg)
       >>> bool(jnp.allclose(apply({"params": adapted}, x), model.apply({"params": params}, x)))
       True
+
+    RaSA, DoRA and PiSSA/OLoRA adapters need nothing else: the config says which they are.
     """
     if mode not in MODES:
         raise ValueError(f"lora(mode=...) must be one of {MODES}, got {mode!r}")
@@ -317,6 +391,11 @@ def lora(
                     "adapter dropout needs the factored forward; use mode='factored' or 'auto'"
                 )
             return apply_fn({**variables, "params": merge(params, config)}, *args, **kwargs)
+        shared = params.get(rasa.SHARED) if isinstance(params, Mapping) else None
+        if shared is not None:
+            # The pools are handed to the interceptor; the model never sees them.
+            params = {k: v for k, v in params.items() if k != rasa.SHARED}
+            variables = {**variables, "params": params}
         wanted = set(adapter_paths(params))
         skip: frozenset[str] = frozenset()
         if mode == "auto":
@@ -328,19 +407,25 @@ def lora(
                     plans[key] = plan
             unhandled = wanted - plan
             if unhandled:
-                params = merged_kernels(params, config, unhandled)
+                with_pools = params if shared is None else {**params, rasa.SHARED: shared}
+                params = merged_kernels(with_pools, config, unhandled)
+                params = {k: v for k, v in params.items() if k != rasa.SHARED}
                 variables = {**variables, "params": params}
                 skip = frozenset(unhandled)
         handled: set[str] = set()
-        with nn.intercept_methods(_interceptor(config, handled, skip, compute=True)):
+        with (
+            native.activate(config, skip, config.dropout == 0.0),
+            nn.intercept_methods(_interceptor(config, handled, skip, True, shared)),
+        ):
             out = apply_fn(variables, *args, **kwargs)
         missing = wanted - handled - skip
         if mode == "factored" and missing:
             raise ValueError(
                 "mode='factored' cannot compute the adapters at "
                 f"{sorted(missing)}: their modules are not Dense, DenseGeneral, Einsum or a "
-                "registered Dense-like module (rslora_jax.register_dense_like), or were never "
-                "called. Use mode='auto' (merges those) or mode='merged'"
+                "registered Dense-like module (rslora_jax.register_dense_like), are Einsum "
+                "layers with DoRA, or were never called. Use mode='auto' (merges those) or "
+                "mode='merged'"
             )
         return out
 

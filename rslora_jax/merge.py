@@ -1,7 +1,9 @@
 """Merge adapters into the kernels (for serving) and take them out again.
 
 ``W' = W + gamma_r * A @ B`` is computed in float32 and cast to the kernel's dtype once, so a
-bf16 base keeps small adapter updates that a bf16 accumulation would round away.
+bf16 base keeps small adapter updates that a bf16 accumulation would round away. The variants
+merge the same way: RaSA ``W_i + A_i diag(d_priv) B_i + A_S diag(d_sh) B_S``
+(`rslora_jax.rasa`), DoRA ``m * (W + gamma*A@B) / ||W + gamma*A@B||`` (`rslora_jax.variants`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rslora_jax import rasa
 from rslora_jax._types import PyTree
 from rslora_jax.adapters import KERNEL, combine, is_adapter_key, join_path, layout_for, split
 from rslora_jax.config import LoraConfig
+from rslora_jax.variants import MAGNITUDE, dora_matrix
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -45,6 +49,61 @@ def _check_factors(path: str, layout: Any, a: Any, b: Any, config: LoraConfig) -
         )
 
 
+def _check_kind(holder: Mapping[str, Any], path: str, config: LoraConfig) -> None:
+    is_rasa, is_dora = rasa.DIAG in holder, MAGNITUDE in holder
+    if is_rasa != config.rasa:
+        raise ValueError(
+            f"adapter at {path!r} {'is' if is_rasa else 'is not'} a RaSA adapter ('lora_d'), but "
+            f"the config says rasa={config.rasa}"
+        )
+    if is_dora != config.use_dora:
+        raise ValueError(
+            f"adapter at {path!r} {'has' if is_dora else 'has no'} DoRA magnitude "
+            f"({MAGNITUDE!r}), but the config says use_dora={config.use_dora}"
+        )
+
+
+def updated_kernel(
+    holder: Mapping[str, Any], path: str, config: LoraConfig, shared: Any = None
+) -> jax.Array:
+    """The merged kernel for one adapted dict, any variant, in float32 (not cast).
+
+    Args:
+      holder: the dict holding ``kernel`` and the adapter leaves.
+      path: its path.
+      config: the config.
+      shared: the ``lora_shared`` subtree (RaSA only).
+
+    Returns:
+      ``W + gamma*A@B`` (LoRA), ``W + A_i diag(d) B_i + A_S diag(d) B_S`` (RaSA) or
+      ``m * (W + gamma*A@B) / ||W + gamma*A@B||`` (DoRA; the norm is detached, as in the
+      forward pass), float32, in the kernel's layout.
+
+    Raises:
+      ValueError: if the adapter's shapes or kind do not fit the kernel and config.
+    """
+    _check_kind(holder, path, config)
+    kernel = holder[KERNEL]
+    if config.rasa:
+        return kernel.astype(jnp.float32) + rasa.delta(holder, path, config, shared)
+    if config.use_dora:
+        layout = layout_for(config, path, kernel)
+        a, b, m = holder["lora_a"], holder["lora_b"], holder[MAGNITUDE]
+        _check_factors(path, layout, a, b, config)
+        if tuple(m.shape) != (*layout.layer_shape, layout.d_out):
+            raise ValueError(
+                f"DoRA magnitude at {path!r} has shape {tuple(m.shape)}, expected "
+                f"{(*layout.layer_shape, layout.d_out)} (one entry per output feature)"
+            )
+        w = layout.from_kernel(kernel)
+        return layout.to_kernel(dora_matrix(w, a, b, config.scale_for(path), m))
+    return kernel.astype(jnp.float32) + delta(holder, path, config)
+
+
+def _shared(params: Any) -> Any:
+    return params.get(rasa.SHARED) if isinstance(params, Mapping) else None
+
+
 def _rebuild(tree: Any, fn: Any, prefix: tuple = ()) -> Any:
     """Copies nested dicts, calling ``fn(path, dict)`` on each dict that holds adapters."""
     if not isinstance(tree, Mapping):
@@ -58,7 +117,8 @@ def merge(params: PyTree, config: LoraConfig) -> PyTree:
     """Folds every adapter into its kernel and drops the adapter leaves.
 
     Returns a plain tree with exactly the original (pre-`init`) structure, shapes and dtypes:
-    ``W + gamma * A @ B``, computed in float32 and cast once. Jit-able (``config`` static) and
+    ``W + gamma * A @ B``, computed in float32 and cast once (RaSA and DoRA adapters: see
+    `updated_kernel`). Jit-able (``config`` static) and
     donation-friendly; sharded inputs stay sharded (the product ``A @ B`` takes A's input-axis
     and B's output-axis sharding, which is the kernel's).
 
@@ -81,11 +141,12 @@ def merge(params: PyTree, config: LoraConfig) -> PyTree:
       [[2.0, 2.0], [2.0, 2.0]]
     """
 
+    shared = _shared(params)
+
     def fold(path: str, holder: Mapping[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in holder.items() if not is_adapter_key(k)}
         kernel = holder[KERNEL]
-        merged = kernel.astype(jnp.float32) + delta(holder, path, config)
-        out[KERNEL] = merged.astype(kernel.dtype)
+        out[KERNEL] = updated_kernel(holder, path, config, shared).astype(kernel.dtype)
         return out
 
     return _rebuild(params, fold)
@@ -94,7 +155,8 @@ def merge(params: PyTree, config: LoraConfig) -> PyTree:
 def unmerge(merged: PyTree, adapters: PyTree, config: LoraConfig) -> PyTree:
     """Recovers the base from `merge`'s output: ``W = W' - gamma * A @ B`` (float32, cast once).
 
-    Exact up to float rounding (the round trip is not bit-exact in reduced precision).
+    Exact up to float rounding (the round trip is not bit-exact in reduced precision). RaSA
+    adapters unmerge the same way (``W_i = W'_i - A_i diag(d) B_i - A_S diag(d) B_S``).
 
     Args:
       merged: the merged tree (no adapter leaves).
@@ -104,6 +166,11 @@ def unmerge(merged: PyTree, adapters: PyTree, config: LoraConfig) -> PyTree:
     Returns:
       The base tree (no adapter leaves).
 
+    Raises:
+      ValueError: for DoRA adapters: ``m * V / ||V||`` with ``V = W + gamma*A@B`` loses the
+        column norms of V, so W cannot be recovered from the merged kernel and the adapters
+        (keep the base instead).
+
     Example:
       >>> import jax.numpy as jnp
       >>> cfg = LoraConfig(rank=1, alpha=1.0)
@@ -111,30 +178,40 @@ def unmerge(merged: PyTree, adapters: PyTree, config: LoraConfig) -> PyTree:
       >>> unmerge({"d": {"kernel": jnp.ones((2, 2))}}, ad, cfg)["d"]["kernel"].tolist()
       [[0.0, 0.0], [0.0, 0.0]]
     """
+    if config.use_dora:
+        raise ValueError(
+            "unmerge cannot undo a DoRA merge: m * V / ||V|| (V = W + gamma*A@B) keeps only the "
+            "direction of each column of V, so W is not determined by the merged kernel and the "
+            "adapters; keep the base parameters instead"
+        )
     adapters, _ = split(adapters)
     full = combine(adapters, merged)
+    shared = _shared(full)
 
     def unfold(path: str, holder: Mapping[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in holder.items() if not is_adapter_key(k)}
         kernel = holder[KERNEL]
-        base = kernel.astype(jnp.float32) - delta(holder, path, config)
-        out[KERNEL] = base.astype(kernel.dtype)
+        _check_kind(holder, path, config)
+        if config.rasa:
+            change = rasa.delta(holder, path, config, shared)
+        else:
+            change = delta(holder, path, config)
+        out[KERNEL] = (kernel.astype(jnp.float32) - change).astype(kernel.dtype)
         return out
 
     return _rebuild(full, unfold)
 
 
 def merged_kernels(params: PyTree, config: LoraConfig, paths: set[str]) -> PyTree:
-    """Like `merge`, but only for `paths`; other adapters stay in the tree."""
+    """Like `merge`, but only for `paths`; other adapters (and RaSA pools) stay in the tree."""
+    shared = _shared(params)
 
     def fold(path: str, holder: Mapping[str, Any]) -> dict[str, Any]:
         if path not in paths:
             return dict(holder)
         out = {k: v for k, v in holder.items() if not is_adapter_key(k)}
         kernel = holder[KERNEL]
-        out[KERNEL] = (kernel.astype(jnp.float32) + delta(holder, path, config)).astype(
-            kernel.dtype
-        )
+        out[KERNEL] = updated_kernel(holder, path, config, shared).astype(kernel.dtype)
         return out
 
     def walk(tree: Any, prefix: tuple = ()) -> Any:
@@ -147,4 +224,4 @@ def merged_kernels(params: PyTree, config: LoraConfig, paths: set[str]) -> PyTre
     return walk(params)
 
 
-__all__ = ["delta", "merge", "merged_kernels", "unmerge"]
+__all__ = ["delta", "merge", "merged_kernels", "unmerge", "updated_kernel"]

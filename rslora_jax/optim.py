@@ -3,10 +3,16 @@
 Built on `optax.partition`: adapter leaves get `tx`, every other leaf gets
 `optax.set_to_zero()`, so the base receives zero updates and no optimizer state (``optax.masked``
 alone would pass the base's updates through unchanged).
+
+LoRA+ (Hayou et al. 2024, PEFT's ``create_loraplus_optimizer``): ``lora_plus_ratio`` gives the
+B factors a learning rate ``ratio`` times that of the A factors. Which leaves count as "B"
+follows PEFT's rule (``lora_B`` or any 1-D trainable parameter): ``lora_b`` (RaSA's shared
+``lora_b`` included), DoRA's ``lora_magnitude`` and RaSA's ``lora_d``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -17,6 +23,10 @@ from rslora_jax.adapters import is_adapter_path
 
 ADAPTER = "adapter"
 FROZEN = "frozen"
+# LoRA+ groups: leaves that get `ratio` times the learning rate, and the other leaves.
+FAST = "fast"
+OTHER = "other"
+FAST_LEAVES = ("lora_b", "lora_magnitude", "lora_d")
 
 
 def labels(tree: PyTree) -> PyTree:
@@ -26,7 +36,28 @@ def labels(tree: PyTree) -> PyTree:
     )
 
 
-def optimizer(tx: optax.GradientTransformation, params: PyTree | None = None) -> Any:
+def lora_plus_labels(tree: PyTree) -> PyTree:
+    """``"fast"`` for the leaves LoRA+ speeds up (`FAST_LEAVES`), ``"other"`` for the rest.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lora_plus_labels({"d": {"kernel": 0, "lora_a": 0, "lora_b": 0}})
+      {'d': {'kernel': 'other', 'lora_a': 'other', 'lora_b': 'fast'}}
+    """
+
+    def label(path: tuple, _: Any) -> str:
+        last = getattr(path[-1], "key", None) if path else None
+        return FAST if is_adapter_path(path) and last in FAST_LEAVES else OTHER
+
+    return jax.tree_util.tree_map_with_path(label, tree)
+
+
+def optimizer(
+    tx: optax.GradientTransformation,
+    params: PyTree | None = None,
+    *,
+    lora_plus_ratio: float | None = None,
+) -> Any:
     """An optimizer that updates only the adapter leaves.
 
     Labels are computed from each tree's paths, so the same optimizer works with the whole tree
@@ -37,12 +68,21 @@ def optimizer(tx: optax.GradientTransformation, params: PyTree | None = None) ->
     Args:
       tx: the optax transformation for the adapters (e.g. ``optax.adamw(1e-4)``).
       params: optional; if given, checked to hold at least one adapter leaf.
+      lora_plus_ratio: LoRA+: B's learning rate over A's (``eta_B / eta_A``, e.g. 16). `tx`
+        runs on all adapters together, then the B leaves' updates are multiplied by the ratio.
+        That equals training B with ``ratio`` times the learning rate whenever `tx`'s update is
+        the learning rate times a direction that does not depend on it: SGD (with momentum),
+        Adam, AdamW (the decoupled weight decay is multiplied by the learning rate too, as in
+        ``torch.optim.AdamW``), Lion, RMSProp. Global-norm clipping inside `tx` still sees all
+        adapters at once, as with PyTorch parameter groups. Not exact for optimizers whose
+        state depends on the learning rate (e.g. schedule-free or learning-rate-free methods).
 
     Returns:
       An ``optax.GradientTransformation``.
 
     Raises:
-      ValueError: if `params` is given and has no adapter leaves.
+      ValueError: if `params` is given and has no adapter leaves, or `lora_plus_ratio` is not
+        a positive finite number.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -54,6 +94,10 @@ def optimizer(tx: optax.GradientTransformation, params: PyTree | None = None) ->
       >>> upd, _ = opt.update(g, opt.init(p), p)
       >>> upd["d"]["kernel"].tolist(), upd["d"]["lora_b"].tolist()
       ([[0.0, 0.0], [0.0, 0.0]], [[-0.5, -0.5]])
+      >>> plus = optimizer(optax.sgd(0.5), p, lora_plus_ratio=4.0)  # LoRA+: B learns 4x faster
+      >>> upd, _ = plus.update(g, plus.init(p), p)
+      >>> upd["d"]["lora_a"].tolist(), upd["d"]["lora_b"].tolist()
+      ([[-0.5], [-0.5]], [[-2.0, -2.0]])
     """
     if params is not None:
         flat = jax.tree_util.tree_leaves_with_path(params)
@@ -62,7 +106,24 @@ def optimizer(tx: optax.GradientTransformation, params: PyTree | None = None) ->
                 "optimizer(tx, params): params hold no adapter leaves (keys starting with "
                 "'lora_'); call rslora_jax.init first"
             )
-    return optax.partition({ADAPTER: tx, FROZEN: optax.set_to_zero()}, labels)
+    frozen_base = optax.partition({ADAPTER: tx, FROZEN: optax.set_to_zero()}, labels)
+    if lora_plus_ratio is None:
+        return frozen_base
+    ratio = lora_plus_ratio
+    if (
+        isinstance(ratio, bool)
+        or not isinstance(ratio, (int, float))
+        or not math.isfinite(ratio)
+        or ratio <= 0
+    ):
+        raise ValueError(
+            f"optimizer(lora_plus_ratio=...) must be a positive finite number, got {ratio!r}"
+        )
+    # Scaling the final update by `ratio` is scaling the learning rate (see the docstring).
+    speed_up = optax.partition(
+        {FAST: optax.scale(float(ratio)), OTHER: optax.identity()}, lora_plus_labels
+    )
+    return optax.chain(frozen_base, speed_up)
 
 
-__all__ = ["labels", "optimizer"]
+__all__ = ["FAST_LEAVES", "labels", "lora_plus_labels", "optimizer"]

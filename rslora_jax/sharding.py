@@ -2,7 +2,11 @@
 
 A takes the base kernel's input-axes spec, B its output-axes spec, the rank axis is replicated,
 layer axes keep their spec. So ``x @ A`` needs no more communication than ``x @ W`` does, and
-adapters are sharded FSDP-style wherever the base is.
+adapters are sharded FSDP-style wherever the base is. Variants: DoRA's magnitude (one entry per
+output feature) takes the output spec; RaSA's per-layer diagonal ``lora_d`` keeps the layer
+axes' spec and is otherwise replicated, and each shared pool takes the spec of its module type's
+kernels (the first member's, in tree order) without the layer axes: A_S the input spec, B_S the
+output spec.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rslora_jax._types import PyTree
 from rslora_jax.adapters import KERNEL, is_adapter_key, join_path, layout_for
 from rslora_jax.config import LoraConfig
+from rslora_jax.rasa import DIAG, SHARED
+from rslora_jax.variants import MAGNITUDE
 
 _DEFAULT = LoraConfig()
 
@@ -37,6 +43,13 @@ def _flat_spec(entries: Sequence[Any]) -> Any:
     return None  # not expressible on the flattened axis: replicate (correct, more memory)
 
 
+def _roles(entries: list[Any], axes: str) -> tuple[list[Any], Any, Any]:
+    layer = [e for e, r in zip(entries, axes) if r == "l"]
+    ins = [e for e, r in zip(entries, axes) if r == "i"]
+    outs = [e for e, r in zip(entries, axes) if r == "o"]
+    return layer, _flat_spec(ins), _flat_spec(outs)
+
+
 def factor_specs(kernel_spec: PartitionSpec, axes: str) -> tuple[PartitionSpec, PartitionSpec]:
     """PartitionSpecs of (lora_a, lora_b) for a kernel with spec `kernel_spec` and roles `axes`.
 
@@ -44,14 +57,8 @@ def factor_specs(kernel_spec: PartitionSpec, axes: str) -> tuple[PartitionSpec, 
       >>> factor_specs(PartitionSpec("fsdp", "tp"), "io")
       (P('fsdp', None), P(None, 'tp'))
     """
-    entries = _entries(kernel_spec, len(axes))
-    layer = [e for e, r in zip(entries, axes) if r == "l"]
-    ins = [e for e, r in zip(entries, axes) if r == "i"]
-    outs = [e for e, r in zip(entries, axes) if r == "o"]
-    return (
-        PartitionSpec(*layer, _flat_spec(ins), None),
-        PartitionSpec(*layer, None, _flat_spec(outs)),
-    )
+    layer, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
+    return PartitionSpec(*layer, in_spec, None), PartitionSpec(*layer, None, out_spec)
 
 
 def partition_specs(params: PyTree, base_specs: PyTree, config: LoraConfig | None = None) -> PyTree:
@@ -67,7 +74,7 @@ def partition_specs(params: PyTree, base_specs: PyTree, config: LoraConfig | Non
     Returns:
       A tree with the structure of `params`: base leaves keep their spec, ``lora_a`` /
       ``lora_b`` get `factor_specs` of their kernel's spec (as `NamedSharding` on the same mesh
-      when the base leaves are shardings).
+      when the base leaves are shardings); DoRA's and RaSA's leaves as in the module docstring.
 
     Raises:
       ValueError: if `base_specs` misses a path of `params`.
@@ -80,10 +87,36 @@ def partition_specs(params: PyTree, base_specs: PyTree, config: LoraConfig | Non
       P(None, 'y')
     """
     config = config or _DEFAULT
-    return _specs(params, base_specs, config, ())
+    pools: dict[str, tuple[Any, Any, Any]] = {}
+    out = _specs(params, base_specs, config, (), pools)
+    if isinstance(params, Mapping) and SHARED in params:
+        out[SHARED] = _pool_specs(params[SHARED], pools, ())
+    return out
 
 
-def _specs(tree: Any, specs: Any, config: LoraConfig, prefix: tuple) -> Any:
+def _pool_specs(tree: Any, pools: dict[str, tuple[Any, Any, Any]], prefix: tuple) -> Any:
+    """Specs of the RaSA pools: A_S (d_in, L*k) and B_S (L*k, d_out)."""
+    out: dict[Any, Any] = {}
+    module = join_path(prefix)
+    for key, val in tree.items():
+        if key in ("lora_a", "lora_b") and not isinstance(val, Mapping):
+            if module not in pools:
+                raise ValueError(
+                    f"no RaSA layer uses the pool {SHARED}/{module}: cannot derive its sharding"
+                )
+            in_spec, out_spec, mesh = pools[module]
+            spec = (
+                PartitionSpec(in_spec, None) if key == "lora_a" else PartitionSpec(None, out_spec)
+            )
+            out[key] = NamedSharding(mesh, spec) if mesh is not None else spec
+        elif isinstance(val, Mapping):
+            out[key] = _pool_specs(val, pools, (*prefix, key))
+        else:
+            raise ValueError(f"no sharding rule for {SHARED}/{join_path((*prefix, key))}")
+    return out
+
+
+def _specs(tree: Any, specs: Any, config: LoraConfig, prefix: tuple, pools: dict) -> Any:
     if not isinstance(tree, Mapping):
         return specs
     if not isinstance(specs, Mapping):
@@ -96,7 +129,7 @@ def _specs(tree: Any, specs: Any, config: LoraConfig, prefix: tuple) -> Any:
             continue
         if key not in specs:
             raise ValueError(f"base_specs has no entry for {join_path((*prefix, key))!r}")
-        out[key] = _specs(val, specs[key], config, (*prefix, key))
+        out[key] = _specs(val, specs[key], config, (*prefix, key), pools)
     if KERNEL in tree and "lora_a" in tree:
         path = join_path(prefix)
         kernel_spec = specs[KERNEL]
@@ -107,11 +140,20 @@ def _specs(tree: Any, specs: Any, config: LoraConfig, prefix: tuple) -> Any:
             kernel_spec = PartitionSpec()
         axes = layout_for(config, path, tree[KERNEL]).axes
         a_spec, b_spec = factor_specs(kernel_spec, axes)
+        layer, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
+        extra = {}
+        if DIAG in tree:
+            extra[DIAG] = PartitionSpec(*layer, None)
+            pools.setdefault(config.rasa_module(path)[0], (in_spec, out_spec, mesh))
+        if MAGNITUDE in tree:
+            extra[MAGNITUDE] = PartitionSpec(*layer, out_spec)
         if mesh is not None:
             a_spec, b_spec = NamedSharding(mesh, a_spec), NamedSharding(mesh, b_spec)
+            extra = {k: NamedSharding(mesh, v) for k, v in extra.items()}
         out["lora_a"], out["lora_b"] = a_spec, b_spec
+        out.update(extra)
     for key in tree:
-        if is_adapter_key(key) and key not in out:
+        if is_adapter_key(key) and key not in out and not (key == SHARED and not prefix):
             raise ValueError(
                 f"no sharding rule for adapter leaf {join_path((*prefix, key))!r}; "
                 "give its spec explicitly"

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rslora_jax import native
 from rslora_jax._types import Array, Params, PRNGKey
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -559,6 +560,34 @@ def _dense(config: LlamaConfig, features: int, use_bias: bool, name: str) -> nn.
     )
 
 
+def _native_deltas(module: nn.Module, names: tuple[str, ...], x: Array) -> dict[str, Array]:
+    """Adapter outputs of the child projections `names` (which all read `x`), if claimed.
+
+    Inside `rslora_jax.lora`, plain LoRA adapters of these projections are computed here with
+    a single ``x @ [A_1 | A_2 | ...]`` matmul (x is read once for all of them) instead of one
+    interception per projection; the interceptor then skips them. Outside it, returns {}.
+    """
+    ctx = native.active()
+    if ctx is None:
+        return {}
+    params = module.variables.get("params", {})
+    claimed = []
+    for name in names:
+        path = "/".join((*module.path, name))
+        if ctx.claim(path, params.get(name)):
+            claimed.append((name, path))
+    if not claimed:
+        return {}
+    holders = [params[name] for name, _ in claimed]
+    scales = [ctx.config.scale_for(path) for _, path in claimed]
+    deltas = native.fused_deltas(x, holders, scales, module.config.dtype)
+    return {name: d for (name, _), d in zip(claimed, deltas)}
+
+
+def _add(y: Array, delta: Array | None) -> Array:
+    return y if delta is None else y + delta.astype(y.dtype)
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query causal self-attention with RoPE."""
 
@@ -569,9 +598,14 @@ class LlamaAttention(nn.Module):
         c = self.config
         b, s, _ = x.shape
         hd, nq, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        q = _dense(c, nq * hd, c.qkv_bias, "q_proj")(x).reshape(b, s, nq, hd)
-        k = _dense(c, nkv * hd, c.qkv_bias, "k_proj")(x).reshape(b, s, nkv, hd)
-        v = _dense(c, nkv * hd, c.qkv_bias, "v_proj")(x).reshape(b, s, nkv, hd)
+        # Adapters claimed here are computed with one matmul for the three A factors.
+        lora = _native_deltas(self, ("q_proj", "k_proj", "v_proj"), x)
+        q = _add(_dense(c, nq * hd, c.qkv_bias, "q_proj")(x), lora.get("q_proj"))
+        k = _add(_dense(c, nkv * hd, c.qkv_bias, "k_proj")(x), lora.get("k_proj"))
+        v = _add(_dense(c, nkv * hd, c.qkv_bias, "v_proj")(x), lora.get("v_proj"))
+        q = q.reshape(b, s, nq, hd)
+        k = k.reshape(b, s, nkv, hd)
+        v = v.reshape(b, s, nkv, hd)
         q = _apply_rope(q, cos, sin)
         k = _apply_rope(k, cos, sin)
         window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
@@ -594,8 +628,9 @@ class LlamaAttention(nn.Module):
             # the backward pass rather than keep them for every layer (cuDNN's fused kernel
             # keeps only the log-sum-exp; with remat the whole layer is recomputed anyway).
             attend = jax.checkpoint(attend)
-        out = attend(q, k, v)
-        return _dense(c, c.hidden_size, c.o_bias, "o_proj")(out.reshape(b, s, nq * hd))
+        out = attend(q, k, v).reshape(b, s, nq * hd)
+        lora = _native_deltas(self, ("o_proj",), out)
+        return _add(_dense(c, c.hidden_size, c.o_bias, "o_proj")(out), lora.get("o_proj"))
 
 
 class LlamaMLP(nn.Module):
@@ -606,9 +641,14 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
-        up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
-        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(nn.silu(gate) * up)
+        lora = _native_deltas(self, ("gate_proj", "up_proj"), x)
+        gate = _add(
+            _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x), lora.get("gate_proj")
+        )
+        up = _add(_dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x), lora.get("up_proj"))
+        h = nn.silu(gate) * up
+        lora = _native_deltas(self, ("down_proj",), h)
+        return _add(_dense(c, c.hidden_size, c.mlp_bias, "down_proj")(h), lora.get("down_proj"))
 
 
 class LlamaDecoderLayer(nn.Module):
