@@ -12,6 +12,7 @@ the original parameter tree.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Iterator, Mapping
@@ -164,10 +165,14 @@ def path_key(key: PRNGKey, path: str) -> PRNGKey:
 
 def init_factor_a(key: PRNGKey, shape: tuple[int, ...], d_in: int, config: LoraConfig):
     """Draws A: U(-1/sqrt(d_in), 1/sqrt(d_in)) (PEFT's kaiming_uniform(a=sqrt(5))) or N(0, 1/d_in)."""
+    return _draw_a(key, shape, d_in, config.init, config.dtype)
+
+
+def _draw_a(key: PRNGKey, shape: tuple[int, ...], d_in: int, init: str, dtype: Any):
     bound = 1.0 / math.sqrt(d_in)
-    if config.init == "gaussian":
-        return (jax.random.normal(key, shape, jnp.float32) * bound).astype(config.dtype)
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(config.dtype)
+    if init == "gaussian":
+        return (jax.random.normal(key, shape, jnp.float32) * bound).astype(dtype)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
 # ---------------------------------------------------------------------------- public API
@@ -217,24 +222,25 @@ def init_adapters(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
         keys, holder = holders[path]
         layout = layout_for(config, path, holder[KERNEL])
         r = config.rank_for(path)
-        plan.append((path, keys, layout.a_shape(r), layout.b_shape(r), layout.d_in))
-
-    def make(key: PRNGKey) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for path, keys, a_shape, b_shape, d_in in plan:
-            node = out
-            for k in keys:
-                node = node.setdefault(k, {})
-            node["lora_a"] = init_factor_a(path_key(key, path), a_shape, d_in, config)
-            node["lora_b"] = jnp.zeros(b_shape, config.dtype)
-        return out
-
-    # One compiled program for all factors (eager sampling would compile once per shape).
-    out = jax.jit(make)(key)
+        plan.append((path, tuple(keys), layout.a_shape(r), layout.b_shape(r), layout.d_in))
+    out = _draw_factors(tuple(plan), config.init, config.dtype, key)
     if config.use_dora:
         from rslora_jax import variants  # variants builds on this module
 
         out = _merge_trees(out, variants.magnitudes(params, out, config))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _draw_factors(plan: tuple, init: str, dtype: Any, key: PRNGKey) -> dict[str, Any]:
+    """All factors in one compiled program, cached per (plan, init, dtype)."""
+    out: dict[str, Any] = {}
+    for path, keys, a_shape, b_shape, d_in in plan:
+        node = out
+        for k in keys:
+            node = node.setdefault(k, {})
+        node["lora_a"] = _draw_a(path_key(key, path), a_shape, d_in, init, dtype)
+        node["lora_b"] = jnp.zeros(b_shape, dtype)
     return out
 
 

@@ -96,7 +96,7 @@ def _abstract(man: Mapping[str, Any], base: PyTree, shardings: PyTree | None) ->
         if shardings is not None and sharding is None:
             raise CheckpointError(f"shardings has no entry for adapter leaf {path!r}")
         if sharding is None:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sharding = _default_sharding()
         leaf = jax.ShapeDtypeStruct(
             tuple(info["shape"]), np.dtype(info["dtype"]), sharding=sharding
         )
@@ -156,7 +156,7 @@ def save_adapters(directory: str | os.PathLike, params: PyTree, config: LoraConf
         )
     target = Path(directory).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{_shared_token()}"  # same name in every process
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
         checkpointer.save(
@@ -168,10 +168,36 @@ def save_adapters(directory: str | os.PathLike, params: PyTree, config: LoraConf
         )
         checkpointer.wait_until_finished() if hasattr(checkpointer, "wait_until_finished") else None
         _swap_into_place(tmp, target)
+        _barrier("rslora_jax.save_adapters")
     finally:
         checkpointer.close()
-        if tmp.exists():
+        if jax.process_index() == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shared_token() -> str:
+    """A random token that every process of a multi-process run agrees on."""
+    token = np.int32(uuid.uuid4().int & 0x7FFFFFFF)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = multihost_utils.broadcast_one_to_all(token)
+    return f"{int(token):08x}"
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    """The first local device with one process; replicated over all devices otherwise."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
