@@ -219,7 +219,8 @@ def run_one(args: argparse.Namespace, name: str) -> dict[str, Any]:
         state = (params, opt_state, ids)
     elif kind in ("lora", "merge"):
         rank = int(parts[1])
-        lcfg = _lora_config(rank, args.adapter_dtype)
+        # "...-bf16ad": adapters stored in bf16 (no per-step casts; the default is float32).
+        lcfg = _lora_config(rank, "bfloat16" if "bf16ad" in parts else args.adapter_dtype)
         adapters = rl.init_adapters(params, lcfg, jax.random.key(2))
         if kind == "merge":
             return _run_merge(args, rec, params, adapters, lcfg)

@@ -581,3 +581,20 @@ def test_import_does_not_load_torch_or_transformers():
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=120)
+
+
+def test_saved_files_are_readable_by_others(tmp_path):
+    """A server running as another user must be able to read the exported weights."""
+    import stat
+
+    from rslora_jax.hf import save_pretrained
+    from rslora_jax.models.llama import LlamaConfig, init_params
+
+    cfg = LlamaConfig.tiny()
+    old = os.umask(0o022)
+    try:
+        save_pretrained(tmp_path / "m", init_params(cfg, jax.random.key(0)), cfg)
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

@@ -314,6 +314,9 @@ def test_export_layouts_write_the_same_file(llama, tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert _config_json(tmp_path / "s") == _config_json(tmp_path / "u")
+    # Readable by a server running as another user (safetensors itself writes mode 0600).
+    for f in (tmp_path / "s").iterdir():
+        assert f.stat().st_mode & 0o044 == 0o044, f
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unscanned"])

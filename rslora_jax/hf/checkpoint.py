@@ -532,6 +532,7 @@ def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
     save_file(tensors, path, metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())  # save_file recreates the file with mode 0600
 
 
 def _umask() -> int:

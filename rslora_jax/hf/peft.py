@@ -299,8 +299,9 @@ def _write_atomically(directory: str | os.PathLike[str], writers: dict[str, Call
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=real)
             os.close(fd)
             temps[name] = tmp
-            os.chmod(tmp, 0o666 & ~_umask())
             write(tmp)
+            # After writing: safetensors' save_file recreates the file with mode 0600.
+            os.chmod(tmp, 0o666 & ~_umask())
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         for name in writers:  # weights first, then the config that announces them
