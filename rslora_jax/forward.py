@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import string
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -38,6 +37,7 @@ import numpy as np
 from rslora_jax import native, rasa
 from rslora_jax.adapters import adapter_paths, join_path
 from rslora_jax.config import LoraConfig
+from rslora_jax.lowrank import einsum_lowrank, einsum_roles, lowrank
 from rslora_jax.merge import merge, merged_kernels
 from rslora_jax.variants import MAGNITUDE, column_norm
 
@@ -78,12 +78,6 @@ def _is_dense_like(module: nn.Module) -> bool:
 
 
 # ---------------------------------------------------------------------------- deltas
-def _lowrank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> jax.Array:
-    """scale * (x @ A) @ B with x (..., d_in), in `dtype`."""
-    xa = jnp.matmul(x.astype(dtype), a.astype(dtype))
-    return jnp.matmul(xa * jnp.asarray(scale, dtype), b.astype(dtype))
-
-
 def _check_local(path: str, a: Any, b: Any, d_in: int, d_out: int, what: str) -> None:
     if a.shape[-2] != d_in or b.shape[-1] != d_out or a.shape[-1] != b.shape[-2]:
         raise ValueError(
@@ -98,7 +92,7 @@ def _dense_delta(module, path, x, kernel, a, b, scale, dtype, call_args):
     if a.ndim != 2:
         raise ValueError(f"adapter at {path!r}: a Dense layer needs 2-D lora_a, got {a.shape}")
     _check_local(path, a, b, x.shape[-1], b.shape[-1], "Dense")
-    return _lowrank(x, a, b, scale, dtype)
+    return lowrank(x, a, b, scale, dtype)
 
 
 def _dense_general_delta(module, path, x, kernel, a, b, scale, dtype, call_args):
@@ -115,7 +109,7 @@ def _dense_general_delta(module, path, x, kernel, a, b, scale, dtype, call_args)
     del kernel
     rest = tuple(i for i in range(x.ndim) if i not in axis)
     xt = jnp.transpose(x, rest + axis).reshape(*(x.shape[i] for i in rest), d_in)
-    out = _lowrank(xt, a, b, scale, dtype)
+    out = lowrank(xt, a, b, scale, dtype)
     return out.reshape(*out.shape[:-1], *features)
 
 
@@ -126,17 +120,8 @@ def _einsum_roles(module, x, kernel, call_args):
     eq = eq.replace(" ", "")
     operands, result, _ = opt_einsum.parser.parse_einsum_input((eq, x, kernel))
     xs, ks = operands.split(",")
-    roles = []
-    for c in ks:
-        if c in xs and c in result:
-            roles.append("l")
-        elif c in xs:
-            roles.append("i")
-        elif c in result:
-            roles.append("o")
-        else:
-            return None
-    return xs, ks, result, "".join(roles)
+    roles = einsum_roles(xs, ks, result)
+    return None if roles is None else (xs, ks, result, roles)
 
 
 def _einsum_delta(module, path, x, kernel, a, b, scale, dtype, call_args):
@@ -144,27 +129,17 @@ def _einsum_delta(module, path, x, kernel, a, b, scale, dtype, call_args):
     if parsed is None:
         raise ValueError(f"Einsum at {path!r}: a kernel axis is summed away; cannot factor it")
     xs, ks, result, roles = parsed
-    l_letters = "".join(c for c, r in zip(ks, roles) if r == "l")
-    i_letters = "".join(c for c, r in zip(ks, roles) if r == "i")
-    o_letters = "".join(c for c, r in zip(ks, roles) if r == "o")
     sizes = dict(zip(ks, kernel.shape))
-    l_shape = tuple(sizes[c] for c in l_letters)
-    i_shape = tuple(sizes[c] for c in i_letters)
-    o_shape = tuple(sizes[c] for c in o_letters)
-    d_in, d_out = math.prod(i_shape), math.prod(o_shape)
+    l_shape = tuple(sizes[c] for c, r in zip(ks, roles) if r == "l")
+    d_in = math.prod(sizes[c] for c, r in zip(ks, roles) if r == "i")
+    d_out = math.prod(sizes[c] for c, r in zip(ks, roles) if r == "o")
     _check_local(path, a, b, d_in, d_out, f"Einsum kernel axes {roles!r}")
     if tuple(a.shape[:-2]) != l_shape:
         raise ValueError(
             f"Einsum at {path!r} has kernel axes {roles!r} (layer axes {l_shape}) but lora_a "
             f"has shape {tuple(a.shape)}; set LoraConfig.kernel_axes for this path to {roles!r}"
         )
-    rank_letter = next(c for c in string.ascii_letters if c not in xs + ks + result)
-    inter = "".join(c for c in result if c not in o_letters) + rank_letter
-    a_full = a.reshape(*l_shape, *i_shape, a.shape[-1]).astype(dtype)
-    b_full = b.reshape(*l_shape, b.shape[-2], *o_shape).astype(dtype)
-    xa = jnp.einsum(f"{xs},{l_letters}{i_letters}{rank_letter}->{inter}", x.astype(dtype), a_full)
-    xa = xa * jnp.asarray(scale, dtype)
-    return jnp.einsum(f"{inter},{l_letters}{rank_letter}{o_letters}->{result}", xa, b_full)
+    return einsum_lowrank((xs, ks, result), x, a, b, scale, dtype, tuple(kernel.shape))
 
 
 def _handler(module: nn.Module) -> Callable | None:

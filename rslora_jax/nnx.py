@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rslora_jax._types import PRNGKey, PyTree
 from rslora_jax.adapters import KernelLayout, init_factor_a, path_key, target_paths
 from rslora_jax.config import LoraConfig
+from rslora_jax.lowrank import einsum_lowrank, einsum_roles, lowrank
 from rslora_jax.merge import merge as merge_params
 from rslora_jax.sharding import factor_specs
 
@@ -61,44 +62,6 @@ _SHARDING_METADATA = ("sharding_rules", "mesh")
 
 
 # ---------------------------------------------------------------------------- low-rank math
-def _lowrank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> jax.Array:
-    """scale * (x @ A) @ B for x (..., d_in), computed in `dtype`."""
-    xa = jnp.matmul(x.astype(dtype), a.astype(dtype))
-    return jnp.matmul(xa * jnp.asarray(scale, dtype), b.astype(dtype))
-
-
-def _roles(xs: str, ks: str, rs: str) -> str | None:
-    """Axis roles of the kernel operand `ks` of the einsum ``xs,ks->rs`` (None: not factorable)."""
-    out = []
-    for c in ks:
-        if c in xs and c in rs:
-            out.append("l")
-        elif c in xs:
-            out.append("i")
-        elif c in rs:
-            out.append("o")
-        else:
-            return None
-    return "".join(out)
-
-
-def _einsum_lowrank(eq: tuple[str, str, str], x, a, b, scale, dtype, kernel_shape) -> jax.Array:
-    """scale * the einsum ``xs,ks->rs`` with the kernel replaced by its factors A, B."""
-    xs, ks, rs = eq
-    roles = _roles(xs, ks, rs)
-    sizes = dict(zip(ks, kernel_shape))
-    l_ = "".join(c for c, r in zip(ks, roles) if r == "l")
-    i_ = "".join(c for c, r in zip(ks, roles) if r == "i")
-    o_ = "".join(c for c, r in zip(ks, roles) if r == "o")
-    z = next(c for c in string.ascii_letters if c not in xs + ks + rs)
-    inter = "".join(c for c in rs if c not in o_) + z
-    a_full = a.reshape(*(sizes[c] for c in l_), *(sizes[c] for c in i_), a.shape[-1])
-    b_full = b.reshape(*(sizes[c] for c in l_), b.shape[-2], *(sizes[c] for c in o_))
-    xa = jnp.einsum(f"{xs},{l_}{i_}{z}->{inter}", x.astype(dtype), a_full.astype(dtype))
-    xa = xa * jnp.asarray(scale, dtype)
-    return jnp.einsum(f"{inter},{l_}{z}{o_}->{rs}", xa, b_full.astype(dtype))
-
-
 def _parse_einsum(einsum_str: str) -> tuple[str, str, str]:
     eq = einsum_str.replace(" ", "")
     lhs, rs = eq.split("->")
@@ -147,7 +110,7 @@ class LoraLinear(nnx.Linear, _LoraLayer):
     def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         y = super().__call__(inputs, out_sharding=out_sharding)
         a, b = self._factors()
-        delta = _lowrank(self._adapter_input(inputs), a, b, self.lora_scale, y.dtype)
+        delta = lowrank(self._adapter_input(inputs), a, b, self.lora_scale, y.dtype)
         return y + delta
 
 
@@ -159,7 +122,7 @@ class LoraLinearGeneral(nnx.LinearGeneral, _LoraLayer):
         a, b = self._factors()
         eq = _linear_general_eq(self, inputs.ndim)
         x = self._adapter_input(inputs)
-        delta = _einsum_lowrank(eq, x, a, b, self.lora_scale, y.dtype, self.kernel.shape)
+        delta = einsum_lowrank(eq, x, a, b, self.lora_scale, y.dtype, self.kernel.shape)
         return y + delta
 
 
@@ -171,14 +134,14 @@ class LoraEinsum(nnx.Einsum, _LoraLayer):
     ) -> jax.Array:
         y = super().__call__(inputs, einsum_str, out_sharding=out_sharding)
         eq = _parse_einsum(einsum_str if einsum_str is not None else self.einsum_str)
-        if _roles(*eq) != self.lora_roles:
+        if einsum_roles(*eq) != self.lora_roles:
             raise ValueError(
                 f"Einsum at {self.lora_path!r} was adapted for kernel axes {self.lora_roles!r} "
-                f"but is called with einsum_str={einsum_str!r} (axes {_roles(*eq)!r})"
+                f"but is called with einsum_str={einsum_str!r} (axes {einsum_roles(*eq)!r})"
             )
         a, b = self._factors()
         x = self._adapter_input(inputs)
-        delta = _einsum_lowrank(eq, x, a, b, self.lora_scale, y.dtype, self.kernel.shape)
+        delta = einsum_lowrank(eq, x, a, b, self.lora_scale, y.dtype, self.kernel.shape)
         return y + delta
 
 
@@ -247,7 +210,7 @@ def _local_roles(module: nnx.Module, path: str) -> str:
                 "its kernel axes are unknown; give the module its einsum_str"
             )
         xs, ks, rs = _parse_einsum(module.einsum_str)
-        roles = None if "." in ks else _roles(xs, ks, rs)
+        roles = None if "." in ks else einsum_roles(xs, ks, rs)
         if roles is None or "i" not in roles or "o" not in roles:
             raise ValueError(
                 f"Einsum at {path!r} ({module.einsum_str!r}) cannot be factored: every kernel "

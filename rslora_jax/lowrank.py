@@ -1,0 +1,75 @@
+"""The low-rank products themselves, shared by the linen (`forward`) and NNX (`nnx`) paths."""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def lowrank(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> jax.Array:
+    """``scale * (x @ A) @ B`` for x ``(..., d_in)``, computed in `dtype`.
+
+    The scale multiplies the rank-sized intermediate, the cheapest place for it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lowrank(jnp.ones((1, 2)), jnp.ones((2, 1)), jnp.ones((1, 3)), 0.5, jnp.float32).tolist()
+      [[1.0, 1.0, 1.0]]
+    """
+    xa = jnp.matmul(x.astype(dtype), a.astype(dtype))
+    return jnp.matmul(xa * jnp.asarray(scale, dtype), b.astype(dtype))
+
+
+def einsum_roles(xs: str, ks: str, rs: str) -> str | None:
+    """Axis roles of the kernel operand `ks` of the einsum ``xs,ks->rs``.
+
+    ``l`` for axes kept in the output and shared with the input (one adapter per index),
+    ``i`` for contracted axes, ``o`` for output axes; None if a kernel axis is summed away.
+
+    Example:
+      >>> einsum_roles("btd", "ndh", "btnh")
+      'oio'
+    """
+    out = []
+    for c in ks:
+        if c in xs and c in rs:
+            out.append("l")
+        elif c in xs:
+            out.append("i")
+        elif c in rs:
+            out.append("o")
+        else:
+            return None
+    return "".join(out)
+
+
+def einsum_lowrank(
+    eq: tuple[str, str, str], x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any,
+    kernel_shape: tuple[int, ...],
+) -> jax.Array:
+    """``scale *`` the einsum ``xs,ks->rs`` with its kernel replaced by the factors A, B.
+
+    `a` is ``(*l, prod(i), r)`` and `b` ``(*l, r, prod(o))`` with the kernel's layer, input and
+    output axes (`einsum_roles`) flattened in kernel order.
+    """
+    xs, ks, rs = eq
+    roles = einsum_roles(xs, ks, rs)
+    if roles is None:
+        raise ValueError(f"einsum {xs},{ks}->{rs}: a kernel axis is summed away; cannot factor it")
+    sizes = dict(zip(ks, kernel_shape))
+    l_ = "".join(c for c, r in zip(ks, roles) if r == "l")
+    i_ = "".join(c for c, r in zip(ks, roles) if r == "i")
+    o_ = "".join(c for c, r in zip(ks, roles) if r == "o")
+    z = next(c for c in string.ascii_letters if c not in xs + ks + rs)
+    inter = "".join(c for c in rs if c not in o_) + z
+    a_full = a.reshape(*(sizes[c] for c in l_), *(sizes[c] for c in i_), a.shape[-1])
+    b_full = b.reshape(*(sizes[c] for c in l_), b.shape[-2], *(sizes[c] for c in o_))
+    xa = jnp.einsum(f"{xs},{l_}{i_}{z}->{inter}", x.astype(dtype), a_full.astype(dtype))
+    xa = xa * jnp.asarray(scale, dtype)
+    return jnp.einsum(f"{inter},{l_}{z}{o_}->{rs}", xa, b_full.astype(dtype))
+
+
+__all__ = ["einsum_lowrank", "einsum_roles", "lowrank"]
