@@ -147,3 +147,31 @@ def test_missing_base_spec_is_an_error():
     full = rl.init({"d": {"kernel": jnp.ones((4, 4))}}, rl.LoraConfig(rank=2), jax.random.key(0))
     with pytest.raises(ValueError, match="base_specs has no entry for 'd'"):
         rl.partition_specs(full, {"e": {"kernel": P()}})
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_merge_of_sharded_params_stays_sharded(problem, layout):
+    """merge under jit on sharded inputs: same values, each kernel keeps its own sharding."""
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    p = problem
+    full = rl.combine(p["adapters"], p["base"])
+    specs = rl.partition_specs(full, _base_specs(p["base"], LAYOUTS[layout]), p["cfg"])
+    shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P)
+    )
+    sharded = jax.device_put(full, shardings)
+    merged = jax.jit(rl.merge, static_argnums=1)(sharded, p["cfg"])
+    want = rl.merge(full, p["cfg"])
+    _, base_shardings = rl.split(shardings)
+    for (path, got), ref, sh in zip(
+        jax.tree_util.tree_leaves_with_path(merged),
+        jax.tree.leaves(want),
+        jax.tree.leaves(base_shardings),
+    ):
+        np.testing.assert_allclose(
+            got, ref, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )
+        assert got.sharding.is_equivalent_to(sh, got.ndim), (
+            jax.tree_util.keystr(path),
+            got.sharding,
+        )
