@@ -30,6 +30,16 @@ on CPU the adapters after resuming are bit-identical to those of an uninterrupte
 finishes the current step, saves a checkpoint and exits with status 130 (a second Ctrl-C aborts
 at once). Every input is checked before any weight is read or anything is compiled; a bad one
 stops the command with exit status 2 and a message that says what to fix.
+
+Several processes (hosts) run one job under JAX's distributed runtime: start the same command in
+every process with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or
+``--distributed auto`` on TPU pods, SLURM and Open MPI). The mesh then spans the devices of all
+processes, each process materialises only its own rows of every global batch, checkpoints are
+written and restored by all processes together, and process 0 writes the exports, the metrics
+and the progress bar. A Ctrl-C in any process stops all of them after the next step, with one
+checkpoint. The numbers do not depend on the number of processes: a run on 2
+processes x 2 devices computes the losses and adapters of a run on 1 process x 4 devices
+(``docs/multihost.md``, "The fine-tuning command").
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -57,7 +68,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rslora_jax as rl
-from rslora_jax import data
+from rslora_jax import data, distributed
 from rslora_jax._types import PyTree
 from rslora_jax.config import ALL_LINEAR
 from rslora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss, init_params
@@ -76,6 +87,16 @@ EXIT_INTERRUPTED = 130
 # those whose input features are (row-parallel).
 _COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 _ROW_PARALLEL = ("o_proj", "down_proj")
+# Arguments of one launch, not of the run: --resume does not read them back from run.json.
+_LAUNCH_ARGS = (
+    "resume",
+    "no_progress",
+    "coordinator",
+    "num_processes",
+    "process_id",
+    "distributed",
+    "cpu_devices",
+)
 # Arguments that define the training trajectory: --resume refuses to change them.
 _TRAJECTORY_ARGS = (
     "model",
@@ -295,6 +316,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the merged checkpoint (auto: that of the --model checkpoint)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group(
+        "multi-process (jax.distributed: start the same command in every process)"
+    )
+    g.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        default=None,
+        help="address of process 0's coordination service, reachable by every process "
+        "(with --num-processes and --process-id)",
+    )
+    g.add_argument(
+        "--num-processes", metavar="N", type=_positive_int, default=None, help="number of processes"
+    )
+    g.add_argument(
+        "--process-id",
+        metavar="I",
+        type=_nonnegative_int,
+        default=None,
+        help="this process's index",
+    )
+    g.add_argument(
+        "--distributed",
+        choices=("auto",),
+        default=None,
+        help="'auto': a bare jax.distributed.initialize(), which finds the coordinator, "
+        "process count and index on TPU pods, under SLURM and under Open MPI",
+    )
+    g.add_argument(
+        "--cpu-devices",
+        metavar="K",
+        type=_positive_int,
+        default=None,
+        help="run on this many CPU devices per process (for testing a multi-device or "
+        "multi-process setup on one machine; CPU collectives: gloo)",
+    )
     return p
 
 
@@ -341,7 +397,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     saved = json.loads(run_file.read_text(encoding="utf-8"))["args"]
     defaults = _args_from_json(saved)
-    for key in ("resume", "no_progress"):  # not the run's: this invocation's
+    for key in _LAUNCH_ARGS:  # not the run's: this invocation's
         defaults.pop(key, None)
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
@@ -381,6 +437,128 @@ def _newest_run() -> Path:
             "of the run to resume"
         )
     return max(runs, key=lambda p: (p / "run.json").stat().st_mtime)
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes: jax.distributed
+
+
+def _check_distributed(args: argparse.Namespace) -> None:
+    """Checks the multi-process arguments; reads nothing and touches no JAX state.
+
+    Raises:
+      UsageError: for an incomplete or inconsistent ``--coordinator`` / ``--num-processes`` /
+        ``--process-id`` / ``--distributed`` set, or a ``--batch-size`` that the processes
+        cannot share.
+
+    Example:
+      >>> _check_distributed(build_parser().parse_args(["--coordinator", "10.0.0.1:1234",
+      ...     "--num-processes", "2", "--process-id", "1"]))
+    """
+    given = {
+        "--coordinator": args.coordinator,
+        "--num-processes": args.num_processes,
+        "--process-id": args.process_id,
+    }
+    present = [flag for flag, value in given.items() if value is not None]
+    if args.distributed == "auto":
+        if present:
+            raise UsageError(
+                f"--distributed auto finds the coordinator, process count and index itself: "
+                f"drop {', '.join(present)} (or drop --distributed auto and give all three)"
+            )
+        return
+    if not present:
+        return
+    missing = [flag for flag, value in given.items() if value is None]
+    if missing:
+        raise UsageError(
+            f"{', '.join(present)} without {', '.join(missing)}: a multi-process run needs "
+            "--coordinator HOST:PORT, --num-processes N and --process-id I in every process "
+            "(or --distributed auto on TPU pods, SLURM and Open MPI)"
+        )
+    host, sep, port = args.coordinator.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(
+            f"--coordinator {args.coordinator!r}: expected HOST:PORT with a port in 1..65535 "
+            "(e.g. 10.0.0.1:1234, the address of process 0)"
+        )
+    if args.process_id >= args.num_processes:
+        raise UsageError(
+            f"--process-id {args.process_id} must be smaller than --num-processes "
+            f"{args.num_processes} (process ids are 0 .. {args.num_processes - 1})"
+        )
+    if args.batch_size % args.num_processes:
+        raise UsageError(
+            f"--batch-size {args.batch_size} is not divisible by --num-processes "
+            f"{args.num_processes}: every process holds an equal share of each global batch"
+        )
+
+
+def _start_runtime(args: argparse.Namespace) -> None:
+    """Applies ``--cpu-devices`` and joins the distributed runtime if asked to."""
+    multi = args.distributed == "auto" or args.coordinator is not None
+    try:
+        if args.cpu_devices is not None:
+            jax.config.update("jax_platforms", "cpu")
+            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        if multi and args.cpu_devices is not None:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except RuntimeError as err:  # JAX already started (an in-process call)
+        raise UsageError(f"--cpu-devices {args.cpu_devices}: {err}") from None
+    if not multi:
+        return
+    try:
+        if args.distributed == "auto":
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(
+                args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+            )
+    except (RuntimeError, ValueError) as err:
+        where = (
+            "--distributed auto"
+            if args.distributed == "auto"
+            else f"--coordinator {args.coordinator} (process {args.process_id} of "
+            f"{args.num_processes})"
+        )
+        raise UsageError(f"{where}: could not join the distributed runtime: {err}") from None
+
+
+def _stop_runtime() -> None:
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
+def _broadcast_text(text: str) -> str:
+    """Process 0's `text` (of the same length in every process), in every process."""
+    from jax.experimental import multihost_utils
+
+    codes = np.frombuffer(text.encode("ascii"), np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(codes))).decode("ascii")
+
+
+def _agree(error: UsageError | None) -> None:
+    """Stops every process if any rejected the input (all reach this point, then all exit 2).
+
+    Raises:
+      UsageError: this process's own error, or one that names the process that failed.
+    """
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return
+    from jax.experimental import multihost_utils
+
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    bad = [int(i) for i in np.flatnonzero(failed)]
+    if bad:
+        raise UsageError(
+            f"process {bad[0]} of {jax.process_count()} rejected the input (see its message); "
+            "every process stops"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,23 +824,40 @@ def _check_mesh(
     args: argparse.Namespace, abstract_base: PyTree, abstract_adapters: PyTree, lora_config: Any
 ) -> Mesh:
     axes = parse_mesh(args.mesh)
+    # All processes' devices, process by process: each process's devices are adjacent in the
+    # mesh, so a process holds a contiguous block of rows of each batch.
     devices = jax.devices()
+    processes = jax.process_count()
+    if processes > 1:
+        devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    if not axes and processes > 1:
+        axes = {"data": len(devices)}  # several processes: data-parallel over all devices
     if not axes:
         mesh = Mesh(np.array(devices[:1]), ("data",))
     else:
         size = math.prod(axes.values())
         if size != len(devices):
+            across = f" across {processes} processes" if processes > 1 else ""
             raise UsageError(
-                f"--mesh {args.mesh!r} has {size} devices, but JAX sees {len(devices)} "
+                f"--mesh {args.mesh!r} has {size} devices, but JAX sees {len(devices)}{across} "
                 f"({devices[0].platform}); make the axis sizes multiply to {len(devices)}"
             )
         mesh = Mesh(np.array(devices).reshape(tuple(axes.values())), tuple(axes))
-    batch_ways = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    batch_ways = _batch_ways(mesh)
     if args.batch_size % batch_ways:
         raise UsageError(
             f"--batch-size {args.batch_size} is not divisible by the mesh's batch axes "
             f"(data x fsdp = {batch_ways}); use a multiple of {batch_ways}"
         )
+    if args.batch_size % processes:
+        raise UsageError(
+            f"--batch-size {args.batch_size} is not divisible by the number of processes "
+            f"({processes}); use a multiple of {processes}"
+        )
+    try:
+        _LocalRows.of(_batch_sharding(mesh), args.batch_size)
+    except ValueError as err:
+        raise UsageError(f"--mesh {args.mesh!r}: {err}") from None
     specs = _specs(abstract_base, abstract_adapters, lora_config, mesh)
     trees = (abstract_base, abstract_adapters)
     for tree, spec_tree in zip(trees, specs):
@@ -679,6 +874,68 @@ def _check_mesh(
                             "widths"
                         )
     return mesh
+
+
+def _batch_ways(mesh: Mesh) -> int:
+    """Into how many blocks of rows the mesh splits a batch (data x fsdp)."""
+    return mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+
+
+def _batch_sharding(mesh: Mesh) -> NamedSharding:
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+    return NamedSharding(mesh, P(batch_axes or None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LocalRows:
+    """The rows of each global batch that this process materialises.
+
+    The batch sharding cuts a global batch into `ways` equal blocks of rows; this process's
+    devices hold blocks ``first .. first + count - 1`` (all of them with one process).
+    """
+
+    ways: int
+    first: int
+    count: int
+    batch_size: int
+
+    @classmethod
+    def of(cls, sharding: NamedSharding, batch_size: int) -> _LocalRows:
+        rows = distributed.local_slice(sharding, (batch_size, 1))[0]
+        ways = _batch_ways(sharding.mesh)
+        size = batch_size // ways
+        return cls(ways, rows.start // size, (rows.stop - rows.start) // size, batch_size)
+
+    @property
+    def rows(self) -> slice:
+        size = self.batch_size // self.ways
+        return slice(self.first * size, (self.first + self.count) * size)
+
+    def batches(
+        self, train_rows: np.ndarray, *, seed: int, start_step: int
+    ) -> Iterator[np.ndarray]:
+        """This process's rows of the global batches ``start_step, start_step + 1, ...``."""
+        if self.ways % self.count == 0 and self.first % self.count == 0:  # always, in practice
+            return data.batch_iterator(
+                train_rows,
+                self.batch_size,
+                seed=seed,
+                start_step=start_step,
+                process_index=self.first // self.count,
+                process_count=self.ways // self.count,
+            )
+        parts = [
+            data.batch_iterator(
+                train_rows,
+                self.batch_size,
+                seed=seed,
+                start_step=start_step,
+                process_index=block,
+                process_count=self.ways,
+            )
+            for block in range(self.first, self.first + self.count)
+        ]
+        return (np.concatenate(blocks) for blocks in zip(*parts))
 
 
 def _merged_dtype(args: argparse.Namespace, model_dir: Path) -> str:
@@ -809,13 +1066,26 @@ class Program:
     """The jitted functions of a run and the shardings they take (see `program`)."""
 
     init_state: Any  # adapters -> optimizer state
-    train_step: Any  # (adapters, state, base, batch, key, step) -> (adapters, state, loss)
+    # (adapters, state, base, batch, key, step, stop flags) -> (adapters, state, loss, any stop)
+    train_step: Any
     eval_sums: Any  # (adapters, base, batch, row weights) -> (summed loss, token count)
     base: PyTree  # NamedShardings
     adapters: PyTree
     state: PyTree
     batch: NamedSharding
     replicated: NamedSharding
+    flags: NamedSharding  # one bool per device (`stop_flags`)
+
+    def stop_flags(self, value: bool) -> jax.Array:
+        """A global bool vector with one entry per device, `value` on this process's devices.
+
+        `train_step` returns whether any entry is set: a Ctrl-C in one process stops all of
+        them after the same step.
+        """
+        n = self.flags.mesh.size
+        return jax.make_array_from_callback(
+            (n,), self.flags, lambda index: np.full(len(range(n)[index[0]]), value, np.bool_)
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -846,10 +1116,10 @@ def program(
     base_specs, adapter_specs = _specs(abstract_base, abstract_adapters, lora_config, mesh)
     opt = make_optimizer(optim)
     replicated = NamedSharding(mesh, P())
+    flags = NamedSharding(mesh, P(tuple(mesh.axis_names)))
     base_sh, adapter_sh = _named(mesh, base_specs), _named(mesh, adapter_specs)
     state_sh = _named(mesh, rl.opt_state_specs(opt, abstract_adapters, adapter_specs))
-    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
-    batch_sh = NamedSharding(mesh, P(batch_axes or None))
+    batch_sh = _batch_sharding(mesh)
     apply = rl.lora(LlamaForCausalLM(model_config).apply, lora_config)
     use_dropout = lora_config.dropout > 0
 
@@ -858,13 +1128,13 @@ def program(
         logits = apply({"params": rl.combine(adapters, base)}, batch[:, :-1], rngs=rngs)
         return causal_lm_loss(logits, batch[:, 1:])
 
-    def train_step(adapters, opt_state, base, batch, key, step):
+    def train_step(adapters, opt_state, base, batch, key, step, stop):
         # Gradients of the adapters only: no base-sized gradient is formed.
         loss, grads = jax.value_and_grad(loss_fn)(
             adapters, base, batch, jax.random.fold_in(key, step)
         )
         updates, opt_state = opt.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss
+        return optax.apply_updates(adapters, updates), opt_state, loss, jnp.any(stop)
 
     def eval_sums(adapters, base, batch, weight):
         logits = apply({"params": rl.combine(adapters, base)}, batch[:, :-1])
@@ -877,8 +1147,8 @@ def program(
         init_state=jax.jit(opt.init, in_shardings=(adapter_sh,), out_shardings=state_sh),
         train_step=jax.jit(
             train_step,
-            in_shardings=(adapter_sh, state_sh, base_sh, batch_sh, replicated, replicated),
-            out_shardings=(adapter_sh, state_sh, replicated),
+            in_shardings=(adapter_sh, state_sh, base_sh, batch_sh, replicated, replicated, flags),
+            out_shardings=(adapter_sh, state_sh, replicated, replicated),
         ),
         eval_sums=jax.jit(
             eval_sums,
@@ -890,14 +1160,21 @@ def program(
         state=state_sh,
         batch=batch_sh,
         replicated=replicated,
+        flags=flags,
     )
 
 
 class _StopRequest:
-    """Set by the first Ctrl-C; the loop saves and stops after the current step."""
+    """Set by the first Ctrl-C; the loop saves and stops after the current step.
 
-    def __init__(self) -> None:
+    With several processes, the flag travels through the training step (`Program.stop_flags`),
+    so every process stops after the same step (the one after the Ctrl-C) and they save
+    together.
+    """
+
+    def __init__(self, multi: bool = False) -> None:
         self.requested = False
+        self.multi = multi
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -905,8 +1182,14 @@ class _StopRequest:
             self.requested = True
             # A second Ctrl-C aborts at once.
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            which = f" (process {jax.process_index()})" if self.multi else ""
+            when = (
+                "all processes stop after the next step"
+                if self.multi
+                else "stopping after this step"
+            )
             print(
-                f"\n{PROG}: Ctrl-C: stopping after this step and saving a checkpoint "
+                f"\n{PROG}: Ctrl-C{which}: {when} and save a checkpoint "
                 "(Ctrl-C again to abort without saving)",
                 file=sys.stderr,
                 flush=True,
@@ -928,20 +1211,25 @@ def _mean_tail(values: Sequence[float], n: int = 10) -> float:
 
 
 class _Evaluator:
-    """Held-out loss: every held-out row once, padded to whole batches with zero weight."""
+    """Held-out loss: every held-out row once, padded to whole batches with zero weight.
 
-    def __init__(self, prog: Program, rows: np.ndarray, batch_size: int) -> None:
+    Every process keeps the (small) held-out set and materialises its own rows of each batch.
+    """
+
+    def __init__(self, prog: Program, rows: np.ndarray, local: _LocalRows) -> None:
+        batch_size = local.batch_size
         pad = (-len(rows)) % batch_size
         self.prog = prog
-        self.batch_size = batch_size
+        self.local = local
         self.rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), rows.dtype)])
         self.weight = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
 
     def __call__(self, adapters: PyTree, base: PyTree) -> float:
+        size, mine = self.local.batch_size, self.local.rows
         total = count = 0.0
-        for i in range(0, len(self.rows), self.batch_size):
-            rows = jax.device_put(self.rows[i : i + self.batch_size], self.prog.batch)
-            weight = jax.device_put(self.weight[i : i + self.batch_size], self.prog.batch)
+        for i in range(0, len(self.rows), size):
+            local = (self.rows[i : i + size][mine], self.weight[i : i + size][mine])
+            rows, weight = distributed.make_global_batch(local, self.prog.batch, size)
             s, c = self.prog.eval_sums(adapters, base, rows, weight)
             total, count = total + float(s), count + float(c)
         return total / count
@@ -950,6 +1238,10 @@ class _Evaluator:
 def train(plan: Plan) -> dict[str, Any]:
     """Runs (or resumes) the fine-tuning described by `plan`; writes the outputs.
 
+    Under ``jax.distributed`` every process calls this together: each trains on its own rows
+    of every global batch, all save checkpoints together, and process 0 prints and writes the
+    exports and metrics (the others wait for it).
+
     Returns:
       The metrics (also written to ``metrics.json``); ``metrics["interrupted"]`` is True when
       Ctrl-C stopped the run (a checkpoint was saved, no final outputs were written).
@@ -957,11 +1249,15 @@ def train(plan: Plan) -> dict[str, Any]:
     from rslora_jax.hf import load_pretrained
 
     args, out = plan.args, plan.out
+    multi = jax.process_count() > 1
+    lead = jax.process_index() == 0
+    say = functools.partial(print, flush=True) if lead else _silent
     t_start = time.perf_counter()
-    if not args.resume:
+    if not args.resume and lead:
         run = {"args": {**_args_to_json(args), "out": str(out)}, "data_sha256": plan.data_sha256}
         (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
     prog = program(plan.model_config, plan.lora_config, OptimSettings.from_args(args), plan.mesh)
+    local = _LocalRows.of(prog.batch, args.batch_size)
     _, base = load_pretrained(
         plan.model_dir,
         dtype=args.dtype,
@@ -971,9 +1267,13 @@ def train(plan: Plan) -> dict[str, Any]:
         remat=args.remat,
     )
     key_init, key_dropout = jax.random.split(jax.random.key(args.seed))
-    adapters = jax.device_put(rl.init_adapters(base, plan.lora_config, key_init), prog.adapters)
+    # Created in place, sharded: every process computes its own shards of the same values.
+    abstract_base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+    adapters = jax.jit(
+        lambda k: rl.init_adapters(abstract_base, plan.lora_config, k), out_shardings=prog.adapters
+    )(key_init)
     opt_state = prog.init_state(adapters)
-    evaluate = _Evaluator(prog, plan.eval_rows, args.batch_size)
+    evaluate = _Evaluator(prog, plan.eval_rows, local)
 
     losses: list[float] = []
     evals: list[list[float]] = []
@@ -991,7 +1291,7 @@ def train(plan: Plan) -> dict[str, Any]:
         losses = [float(x) for x in extra.get("losses", [])]
         evals = [list(e) for e in extra.get("evals", [])]
         previous_seconds = float(extra.get("train_seconds", 0.0))
-        print(f"resuming {out} at step {start_step} of {args.steps}", flush=True)
+        say(f"resuming {out} at step {start_step} of {args.steps}")
 
     timer = {"train": 0.0, "steady": 0.0, "first": None}
     steady_tokens = 0
@@ -1012,36 +1312,48 @@ def train(plan: Plan) -> dict[str, Any]:
     n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
     tokens_per_step = args.batch_size * args.seq_len
     scale = plan.lora_config.scale_for("model/layers/self_attn/q_proj")
-    print(
+    processes = f", {jax.process_count()} processes" if multi else ""
+    say(
         f"model {plan.model_dir} ({n_base:,} parameters, frozen)\nadapters: {n_adapter:,} "
         f"parameters, rank {args.rank}, alpha {args.alpha:g}, {args.scaling} (scale "
         f"{scale:.4g}), targets {args.targets}\ndata: {plan.data_description}: "
         f"{len(plan.train_rows)} training and {len(plan.eval_rows)} held-out sequences of "
         f"{args.seq_len} tokens\ndevices: {dict(plan.mesh.shape)} "
-        f"({plan.mesh.devices.flat[0].platform})",
-        flush=True,
+        f"({plan.mesh.devices.flat[0].platform}{processes})"
     )
     setup_seconds = time.perf_counter() - t_start
     if not evals:
         evals.append([0, evaluate(adapters, base)])
-        print(f"held-out loss before training: {evals[0][1]:.4f}", flush=True)
+        say(f"held-out loss before training: {evals[0][1]:.4f}")
 
-    stop = _StopRequest()
-    rng = jax.device_put(key_dropout, prog.replicated)
-    batches = data.batch_iterator(
-        plan.train_rows, args.batch_size, seed=args.seed, start_step=start_step
-    )
+    stop = _StopRequest(multi)
+    flags = {False: prog.stop_flags(False), True: prog.stop_flags(True)}
+    stop_all = False  # a Ctrl-C in any process, as the last step saw it
+    rng = jax.jit(lambda k: k, out_shardings=prog.replicated)(key_dropout)
+    batches = local.batches(plan.train_rows, seed=args.seed, start_step=start_step)
     step = start_step
-    bar = _progress(args, start_step)
+    bar = _progress(args, start_step) if lead else None
+
+    def stopping() -> bool:
+        # One process stops on its own Ctrl-C; several stop together, on what the step said.
+        return stop_all if multi else stop.requested
+
     try:
         with stop.installed():
-            while step < args.steps and not stop.requested:
-                batch = jax.device_put(next(batches), prog.batch)
+            while step < args.steps and not stopping():
+                batch = distributed.make_global_batch(next(batches), prog.batch, args.batch_size)
                 t0 = time.perf_counter()
-                new_adapters, new_state, loss = prog.train_step(
-                    adapters, opt_state, base, batch, rng, jnp.int32(step)
+                new_adapters, new_state, loss, any_stop = prog.train_step(
+                    adapters,
+                    opt_state,
+                    base,
+                    batch,
+                    rng,
+                    jnp.int32(step),
+                    flags[stop.requested],
                 )
                 loss_value = float(loss)  # waits for the step
+                stop_all = bool(any_stop)
                 adapters, opt_state = new_adapters, new_state
                 elapsed = time.perf_counter() - t0
                 timer["train"] += elapsed
@@ -1052,7 +1364,7 @@ def train(plan: Plan) -> dict[str, Any]:
                     timer["steady"] += elapsed
                 step += 1
                 losses.append(loss_value)
-                if step == start_step + 1:
+                if step == start_step + 1 and lead:
                     _log(bar, f"train loss at the first step: {loss_value:.4f}")
                 if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                     evals.append([step, evaluate(adapters, base)])
@@ -1067,21 +1379,22 @@ def train(plan: Plan) -> dict[str, Any]:
                     bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
     except KeyboardInterrupt:
-        if stop.requested:
-            raise  # a second Ctrl-C: abort without saving
+        if stop.requested or multi:
+            raise  # a second Ctrl-C (or one outside the step loop's handler): no saving
         stop.requested = True  # no handler (not the main thread): stop and save
     finally:
         if bar is not None:
             bar.close()
-    if stop.requested and step < args.steps:
+    if stopping() and step < args.steps:
         save(step)
         manager.close()
-        print(
-            f"{PROG}: interrupted at step {step} of {args.steps}; checkpoint saved in "
-            f"{out / 'checkpoints'}.\nContinue with: {PROG} --resume --out {out}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if lead:
+            print(
+                f"{PROG}: interrupted at step {step} of {args.steps}; checkpoint saved in "
+                f"{out / 'checkpoints'}.\nContinue with: {PROG} --resume --out {out}",
+                file=sys.stderr,
+                flush=True,
+            )
         return {"interrupted": True, "step": step, "out": str(out)}
 
     if not evals or evals[-1][0] != args.steps:
@@ -1089,7 +1402,7 @@ def train(plan: Plan) -> dict[str, Any]:
     save(args.steps)
     manager.close()
     t_export = time.perf_counter()
-    outputs = _write_outputs(plan, rl.combine(adapters, base), losses, evals)
+    outputs = _write_outputs(plan, adapters, base, losses, evals)
     metrics = {
         "interrupted": False,
         "steps": args.steps,
@@ -1112,7 +1425,11 @@ def train(plan: Plan) -> dict[str, Any]:
             "total_this_process": time.perf_counter() - t_start,
         },
         "parameters": {"base": n_base, "adapters": n_adapter},
-        "devices": {"mesh": dict(plan.mesh.shape), "platform": plan.mesh.devices.flat[0].platform},
+        "devices": {
+            "mesh": dict(plan.mesh.shape),
+            "platform": plan.mesh.devices.flat[0].platform,
+            "processes": jax.process_count(),
+        },
         "data": {
             "description": plan.data_description,
             "train_sequences": len(plan.train_rows),
@@ -1126,15 +1443,35 @@ def train(plan: Plan) -> dict[str, Any]:
         },
         "outputs": {k: str(v) for k, v in outputs.items()},
     }
-    outputs["metrics"].write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    print(_summary(metrics, out), flush=True)
+    if lead:
+        outputs["metrics"].write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        print(_summary(metrics, out), flush=True)
+    _barrier("rslora-finetune: outputs written")
     return metrics
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """`print` for the processes other than process 0."""
+
+
+def _barrier(name: str) -> None:
+    """Every process waits here for all the others (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _write_outputs(
-    plan: Plan, params: PyTree, losses: list[float], evals: list[list[float]]
+    plan: Plan, adapters: PyTree, base: PyTree, losses: list[float], evals: list[list[float]]
 ) -> dict[str, Path]:
-    """Adapter checkpoint, PEFT adapter, merged checkpoint + tokenizer, loss curve."""
+    """Adapter checkpoint, PEFT adapter, merged checkpoint + tokenizer, loss curve.
+
+    Every process calls this: the adapter checkpoint is written by all together; the rest is
+    gathered to every process (`process_allgather`) and written by process 0.
+    """
+    from jax.experimental import multihost_utils
+
     from rslora_jax.hf import save_pretrained
 
     args, out = plan.args, plan.out
@@ -1146,19 +1483,27 @@ def _write_outputs(
         "loss_curve": out / "loss.png",
         "metrics": out / "metrics.json",
     }
+    params = rl.combine(adapters, base)
     rl.save_adapters(outputs["adapters"], params, plan.lora_config)
-    plan.export_peft(
-        outputs["peft"],
-        params,
-        plan.lora_config,
-        plan.model_config,
-        base_model_name_or_path=str(plan.model_dir),
-    )
     merged = jax.jit(rl.merge, static_argnums=1)(params, plan.lora_config)
-    save_pretrained(outputs["merged"], merged, plan.hf_config, dtype=plan.merged_dtype)
-    plan.tokenizer.save_pretrained(str(outputs["merged"]))
-    title = f"{args.scaling} r={args.rank} alpha={args.alpha:g} lr={args.lr:g} ({args.schedule})"
-    plot_losses(outputs["loss_curve"], losses, evals, title)
+    if jax.process_count() > 1:  # pieces in every process: gather them
+        merged = multihost_utils.process_allgather(merged, tiled=True)
+        # export_peft reads the adapters' values and only the kernels' shapes.
+        params = rl.combine(multihost_utils.process_allgather(adapters, tiled=True), base)
+    if jax.process_index() == 0:
+        plan.export_peft(
+            outputs["peft"],
+            params,
+            plan.lora_config,
+            plan.model_config,
+            base_model_name_or_path=str(plan.model_dir),
+        )
+        save_pretrained(outputs["merged"], merged, plan.hf_config, dtype=plan.merged_dtype)
+        plan.tokenizer.save_pretrained(str(outputs["merged"]))
+        title = (
+            f"{args.scaling} r={args.rank} alpha={args.alpha:g} lr={args.lr:g} ({args.schedule})"
+        )
+        plot_losses(outputs["loss_curve"], losses, evals, title)
     return outputs
 
 
@@ -1244,9 +1589,20 @@ def finetune(argv: Sequence[str] | None = None) -> dict[str, Any]:
       The metrics dict (see `train`).
 
     Raises:
-      UsageError: for bad input, before any weight is read or anything is compiled.
+      UsageError: for bad input, before any weight is read or anything is compiled. With
+        several processes, every process raises it (they all check, then agree).
     """
-    return train(prepare(parse_args(argv)))
+    args = parse_args(argv)
+    _check_distributed(args)
+    _start_runtime(args)
+    if jax.process_count() > 1 and args.out is None:  # one run directory: process 0's name
+        args.out = RUNS_DIR / _broadcast_text(time.strftime("rslora-%Y%m%d-%H%M%S"))
+    try:
+        plan, error = prepare(args), None
+    except UsageError as err:
+        plan, error = None, err
+    _agree(error)
+    return train(plan)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1254,14 +1610,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
       The exit status: 0 when done, 2 for bad input (the message goes to stderr), 130 when
-      interrupted by Ctrl-C (after saving a checkpoint).
+      interrupted by Ctrl-C (after saving a checkpoint). The same in every process of a
+      multi-process run.
     """
     try:
         result = finetune(argv)
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    return EXIT_INTERRUPTED if result.get("interrupted") else 0
+        status = EXIT_USAGE
+    except KeyboardInterrupt:
+        if not jax.distributed.is_initialized():
+            raise
+        # A second Ctrl-C in a multi-process run: leave at once. A normal exit would wait at
+        # the runtime's shutdown barrier for processes that wait for this one.
+        print(f"\n{PROG}: aborted (process {jax.process_index()})", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
+    else:
+        status = EXIT_INTERRUPTED if result.get("interrupted") else 0
+    _stop_runtime()  # every process gets here together (errors are agreed on first)
+    return status
 
 
 if __name__ == "__main__":

@@ -25,6 +25,6 @@ make_env .venv-tf4 "transformers>=4.57,<5"
 
 .venv/bin/ruff check rslora_jax tests examples benchmarks scripts
 .venv/bin/ruff format --check rslora_jax tests examples benchmarks scripts
-.venv/bin/python -m pytest -n "$JOBS" rslora_jax tests
+.venv/bin/python -m pytest -n "$JOBS" --dist loadfile rslora_jax tests
 # Exit status 5 (no tests collected) fails the run too: hf_flax tests must exist and run.
-.venv-tf4/bin/python -m pytest -n "$JOBS" -m hf_flax tests
+.venv-tf4/bin/python -m pytest -n "$JOBS" --dist loadfile -m hf_flax tests
