@@ -47,7 +47,12 @@ def einsum_roles(xs: str, ks: str, rs: str) -> str | None:
 
 
 def einsum_lowrank(
-    eq: tuple[str, str, str], x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any,
+    eq: tuple[str, str, str],
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    dtype: Any,
     kernel_shape: tuple[int, ...],
 ) -> jax.Array:
     """``scale *`` the einsum ``xs,ks->rs`` with its kernel replaced by the factors A, B.
