@@ -250,7 +250,60 @@ def run_one(args: argparse.Namespace, name: str) -> dict[str, Any]:
     )
     rec.update(_memory(compiled))
     rec.update(_cost(compiled))
+    if args.profile:
+        rec["profile"] = _profile(compiled, state, steps=3)
     return rec
+
+
+_KERNEL_KINDS = (
+    # (category, substrings of device kernel names), first match wins.
+    ("attention (cuDNN)", ("cudnn", "flash", "fmha", "sdpa")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "dot")),
+    ("fusion / elementwise", ("fusion", "loop", "reduce", "convert", "transpose", "copy")),
+)
+
+
+def _profile(compiled, state, steps: int) -> dict[str, Any]:
+    """Device time per step by kernel category, from a jax.profiler trace of `steps` steps."""
+    import glob
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(steps):
+                state = compiled(*state)
+            jax.block_until_ready(state)
+        files = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        if not files:
+            return {"error": "no trace written"}
+        data = jax.profiler.ProfileData.from_file(files[0])
+    per_kernel: dict[str, float] = {}
+    seen = []
+    for plane in data.planes:
+        seen.append(plane.name + ": " + ", ".join(line.name for line in plane.lines))
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            # Kernel launches on the device streams; skip the derived "XLA Ops"/module lines.
+            if "Stream" not in line.name:
+                continue
+            for event in line.events:
+                per_kernel[event.name] = per_kernel.get(event.name, 0.0) + event.duration_ns
+    if not per_kernel:
+        return {"error": "no GPU kernels in the trace", "planes": seen[:10]}
+    cats: dict[str, float] = {}
+    for name, ns in per_kernel.items():
+        low = name.lower()
+        cat = next((c for c, keys in _KERNEL_KINDS if any(k in low for k in keys)), "other")
+        cats[cat] = cats.get(cat, 0.0) + ns / steps / 1e6
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "ms_per_step_by_category": cats,
+        "device_ms_per_step": sum(cats.values()),
+        "top_kernels_ms_per_step": {k[:120]: v / steps / 1e6 for k, v in top},
+    }
 
 
 def _cost(compiled) -> dict[str, Any]:
@@ -405,6 +458,9 @@ def parse(argv=None) -> argparse.Namespace:
         help="one subprocess per configuration (default on GPU: exact peak memory)",
     )
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument(
+        "--profile", action="store_true", help="GPU: device time by kernel category (jax.profiler)"
+    )
     p.add_argument(
         "--configs",
         type=lambda s: s.split(","),
