@@ -1617,6 +1617,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = finetune(argv)
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        if jax.distributed.is_initialized():
+            # Every process has agreed to stop (`_agree`); leave without the runtime's shutdown
+            # barrier, which can wait forever once a peer has gone (seen on a loaded CI machine).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USAGE)
         status = EXIT_USAGE
     except KeyboardInterrupt:
         if not jax.distributed.is_initialized():
