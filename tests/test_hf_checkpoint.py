@@ -36,21 +36,11 @@ from rslora_jax.hf import (
 )
 from rslora_jax.models import LlamaConfig, LlamaForCausalLM, convert_scan, init_params
 from rslora_jax.models.llama import rope_inv_freq
+from tests._torch_ref import IDS, TINY, VOCAB, torch_logits, torch_model
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB, SEQ = 96, 12
 RTOL = 1e-5  # max |ours - transformers| / max |transformers logits|
 
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -63,29 +53,15 @@ LLAMA3_ROPE = {
 def _hf_config(family: str):
     if family == "llama":  # Llama-3 RoPE scaling, biases on q/k/v/o and the MLP, GQA
         return transformers.LlamaConfig(
-            **COMMON,
+            **TINY,
             rope_theta=500000.0,
             rope_scaling=dict(LLAMA3_ROPE),
             attention_bias=True,
             mlp_bias=True,
         )
     if family == "mistral":  # sliding window shorter than the sequence, head_dim != D / H
-        return transformers.MistralConfig(**COMMON, sliding_window=5, head_dim=16)
-    return transformers.Qwen2Config(**COMMON, tie_word_embeddings=True)  # q/k/v bias, tied
-
-
-def _torch_model(hf_config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
-    with torch.no_grad():  # non-trivial norms and biases, larger weights
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def _torch_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(ids)).logits.float().numpy()
+        return transformers.MistralConfig(**TINY, sliding_window=5, head_dim=16)
+    return transformers.Qwen2Config(**TINY, tie_word_embeddings=True)  # q/k/v bias, tied
 
 
 def _our_logits(config: LlamaConfig, params, ids: np.ndarray) -> np.ndarray:
@@ -99,25 +75,22 @@ def _assert_close_logits(ours: np.ndarray, ref: np.ndarray) -> float:
     return rel
 
 
-IDS = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ))
-
-
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
 def family(request, tmp_path_factory):
     name = request.param
-    model = _torch_model(_hf_config(name))
+    model = torch_model(_hf_config(name))
     directory = tmp_path_factory.mktemp(name)
     model.save_pretrained(directory)
-    return SimpleNamespace(name=name, model=model, dir=directory, ref=_torch_logits(model, IDS))
+    return SimpleNamespace(name=name, model=model, dir=directory, ref=torch_logits(model, IDS))
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A saved tiny llama checkpoint (no scaling) plus its torch model, for error cases."""
-    model = _torch_model(transformers.LlamaConfig(**COMMON), seed=1)
+    model = torch_model(transformers.LlamaConfig(**TINY), seed=1)
     directory = tmp_path_factory.mktemp("llama_plain")
     model.save_pretrained(directory)
-    return SimpleNamespace(model=model, dir=directory, ref=_torch_logits(model, IDS))
+    return SimpleNamespace(model=model, dir=directory, ref=torch_logits(model, IDS))
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +149,7 @@ def test_sharded_checkpoint_loads(llama_dir, tmp_path):
 
 
 def test_bf16_checkpoint_loads(llama_dir, tmp_path):
-    model16 = _torch_model(transformers.LlamaConfig(**COMMON), seed=1).to(torch.bfloat16)
+    model16 = torch_model(transformers.LlamaConfig(**TINY), seed=1).to(torch.bfloat16)
     model16.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
         assert f.get_slice("model.layers.0.mlp.gate_proj.weight").get_dtype() == "BF16"
@@ -349,7 +322,7 @@ def test_from_hf_reads_transformers4_attributes():
 
 def test_qwen2_mixed_sliding_layers_refused():
     hf = transformers.Qwen2Config(
-        **COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=1
+        **TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1
     )
     with pytest.raises(ValueError, match="mix sliding-window and full-attention"):
         LlamaConfig.from_hf(hf)
@@ -440,7 +413,7 @@ def test_save_round_trip_through_transformers(name, tmp_path):
     assert "model.safetensors.index.json" in files and "config.json" in files
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
     assert type(model).__name__.lower().startswith(name)
-    _assert_close_logits(ours, _torch_logits(model, IDS))
+    _assert_close_logits(ours, torch_logits(model, IDS))
     # And back into ours: identical parameters.
     _, loaded = load_pretrained(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)

@@ -24,30 +24,10 @@ from safetensors import safe_open
 import rslora_jax as rl
 from rslora_jax.hf import load_pretrained, save_pretrained
 from rslora_jax.models import LlamaForCausalLM
+from tests._torch_ref import IDS, TINY, rel, torch_logits, torch_model
 
-VOCAB, SEQ = 96, 12
 RTOL = 1e-5  # max |ours - transformers| / max |transformers logits|
 BF16_RTOL = 5e-2  # bf16 weights against the float32 result
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
-IDS = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ))
-
-
-def _torch_model(hf_config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +35,14 @@ def families(tmp_path_factory):
     """Tiny saved checkpoints: Llama (biases on q/k/v/o), Qwen2 (q/k/v bias, tied embeddings)."""
     out = {}
     for name, hf_config in (
-        ("llama", transformers.LlamaConfig(**COMMON, attention_bias=True)),
-        ("qwen2", transformers.Qwen2Config(**COMMON, tie_word_embeddings=True)),
+        ("llama", transformers.LlamaConfig(**TINY, attention_bias=True)),
+        ("qwen2", transformers.Qwen2Config(**TINY, tie_word_embeddings=True)),
     ):
-        model = _torch_model(hf_config)
+        model = torch_model(hf_config)
         directory = tmp_path_factory.mktemp(name)
         model.save_pretrained(directory)
         out[name] = SimpleNamespace(name=name, model=model, dir=directory)
     return out
-
-
-def _torch_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(IDS)).logits.float().numpy()
 
 
 def _reload(directory, **kwargs):
@@ -75,10 +50,6 @@ def _reload(directory, **kwargs):
         str(directory), attn_implementation="eager", **kwargs
     )
     return model.eval()
-
-
-def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def _trained(params, lora_config: rl.LoraConfig, seed: int):
@@ -118,9 +89,9 @@ def test_merged_export_matches_factored_forward(families, tmp_path, name, scan):
 
     save_pretrained(tmp_path, rl.merge(params, lcfg), config)
     reloaded = _reload(tmp_path)
-    ref = _torch_logits(reloaded)
-    assert _rel(ref, _torch_logits(family.model)) > 1e-2  # the adapters matter
-    assert _rel(ours, ref) <= RTOL
+    ref = torch_logits(reloaded)
+    assert rel(ref, torch_logits(family.model)) > 1e-2  # the adapters matter
+    assert rel(ours, ref) <= RTOL
     # The stored weight is W + s * A @ B in (out, in) layout, written out here (float64).
     layers = params["model"]["layers"]
     q = layers["self_attn"]["q_proj"] if scan else layers["1"]["self_attn"]["q_proj"]
@@ -148,14 +119,14 @@ def test_merged_export_bf16(families, tmp_path, name):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     # transformers loads it (as float32 here: CPU bf16 matmuls would add their own rounding).
     reloaded = _reload(tmp_path, dtype=torch.float32)
-    ref = _torch_logits(reloaded)
+    ref = torch_logits(reloaded)
     # Exactly the bf16 rounding of the float32 merged weights...
     rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), merged)
-    assert _rel(_apply(config, None, rounded), ref) <= RTOL
+    assert rel(_apply(config, None, rounded), ref) <= RTOL
     # ... and close to the float32 model.
-    rel = _rel(ref, ours)
-    assert rel <= BF16_RTOL, rel
+    err = rel(ref, ours)
+    assert err <= BF16_RTOL, err
     # Also loads in bfloat16 as a server would.
     native = _reload(tmp_path)
     assert native.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    assert _rel(_torch_logits(native), ours) <= BF16_RTOL
+    assert rel(torch_logits(native), ours) <= BF16_RTOL

@@ -33,39 +33,19 @@ from rslora_jax.hf import flax_module_path, load_pretrained
 from rslora_jax.hf import peft as hf_peft
 from rslora_jax.hf.peft import PeftFormatWarning, export_peft, import_peft
 from rslora_jax.models import LlamaConfig, LlamaForCausalLM, convert_scan, init_params
+from tests._torch_ref import IDS, TINY, VOCAB, rel, torch_logits, torch_model
 
-VOCAB, SEQ = 96, 12
 RTOL = 1e-5  # max |ours - PEFT| / max |PEFT logits|
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREFIX = "base_model.model."
-COMMON = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=40,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # k/v_proj: 32 -> 16
-    max_position_embeddings=64,
-    rms_norm_eps=1e-5,
-)
-IDS = np.random.default_rng(0).integers(0, VOCAB, (2, SEQ))
 
 
 # --------------------------------------------------------------------------------------------
 # Fixtures and helpers
 
 
-def _torch_model(hf_config, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
-    with torch.no_grad():  # non-trivial norms and biases, larger weights
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 def _base(tmp_path_factory, name: str, hf_config):
-    model = _torch_model(hf_config)
+    model = torch_model(hf_config)
     directory = tmp_path_factory.mktemp(name)
     model.save_pretrained(directory)
     layouts = {scan: load_pretrained(directory, scan_layers=scan) for scan in (True, False)}
@@ -74,19 +54,14 @@ def _base(tmp_path_factory, name: str, hf_config):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return _base(tmp_path_factory, "llama", transformers.LlamaConfig(**COMMON))
+    return _base(tmp_path_factory, "llama", transformers.LlamaConfig(**TINY))
 
 
 @pytest.fixture(scope="module")
 def qwen2(tmp_path_factory):  # q/k/v bias, tied embeddings
     return _base(
-        tmp_path_factory, "qwen2", transformers.Qwen2Config(**COMMON, tie_word_embeddings=True)
+        tmp_path_factory, "qwen2", transformers.Qwen2Config(**TINY, tie_word_embeddings=True)
     )
-
-
-def _torch_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.as_tensor(IDS)).logits.float().numpy()
 
 
 def _peft_model(base, directory):
@@ -97,10 +72,6 @@ def _ours(config: LlamaConfig, lora_config: rl.LoraConfig, params) -> np.ndarray
     # Eager: the ops compile once and are shared by every config and layout of this file.
     apply = rl.lora(LlamaForCausalLM(config).apply, lora_config, mode="factored")
     return np.asarray(apply({"params": params}, jnp.asarray(IDS, jnp.int32)), np.float32)
-
-
-def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def _random_adapters(params, lora_config: rl.LoraConfig, seed: int, std_b: float = 0.1):
@@ -177,18 +148,18 @@ def test_export_matches_peft(llama, tmp_path, scan, scaling):
     assert meta["peft_type"] == "LORA" and meta["use_rslora"] is (scaling == "rslora")
     assert (meta["r"], meta["lora_alpha"], meta["task_type"]) == (3, 5, "CAUSAL_LM")
     assert sorted(meta["target_modules"]) == sorted(ALL7)
-    assert len(_tensors(tmp_path)) == 2 * 7 * COMMON["num_hidden_layers"]
+    assert len(_tensors(tmp_path)) == 2 * 7 * TINY["num_hidden_layers"]
 
     pm = _peft_model(llama, tmp_path)
     # PEFT's per-module rank and scale are ours, for every module and layer.
     found = _peft_scalings(pm, scan)
-    assert len(found) == 7 * COMMON["num_hidden_layers"]
+    assert len(found) == 7 * TINY["num_hidden_layers"]
     for (path, _), (r, scale) in found.items():
         assert r == lcfg.rank_for(path)
         assert scale == pytest.approx(lcfg.scale_for(path), rel=1e-12)
-    ref = _torch_logits(pm)
-    assert _rel(ref, _torch_logits(llama.model)) > 1e-2  # the adapter matters
-    assert _rel(_ours(config, lcfg, params), ref) <= RTOL
+    ref = torch_logits(pm)
+    assert rel(ref, torch_logits(llama.model)) > 1e-2  # the adapter matters
+    assert rel(_ours(config, lcfg, params), ref) <= RTOL
 
 
 def test_export_qwen2_regex_targets(qwen2, tmp_path):
@@ -210,9 +181,9 @@ def test_export_qwen2_regex_targets(qwen2, tmp_path):
     assert sorted(p for p, _ in found) == sorted(rl.adapter_paths(params))
     for (path, _), (r, scale) in found.items():
         assert (r, scale) == (lcfg.rank_for(path), pytest.approx(lcfg.scale_for(path)))
-    ref = _torch_logits(pm)
-    assert _rel(ref, _torch_logits(qwen2.model)) > 1e-2
-    assert _rel(_ours(config, lcfg, params), ref) <= RTOL
+    ref = torch_logits(pm)
+    assert rel(ref, torch_logits(qwen2.model)) > 1e-2
+    assert rel(_ours(config, lcfg, params), ref) <= RTOL
 
 
 def _with_magnitudes(params, lora_config: rl.LoraConfig, seed: int):
@@ -242,9 +213,9 @@ def test_lm_head_adapter_round_trip(llama, tmp_path):
     params = _random_adapters(base, lcfg, seed=17)
     export_peft(tmp_path, params, lcfg, config)
     assert f"{PREFIX}lm_head.lora_B.weight" in _tensors(tmp_path)
-    ref = _torch_logits(_peft_model(llama, tmp_path))
-    assert _rel(ref, _torch_logits(llama.model)) > 1e-2
-    assert _rel(_ours(config, lcfg, params), ref) <= RTOL
+    ref = torch_logits(_peft_model(llama, tmp_path))
+    assert rel(ref, torch_logits(llama.model)) > 1e-2
+    assert rel(_ours(config, lcfg, params), ref) <= RTOL
     back, got = import_peft(tmp_path, base, config)
     _adapters_equal(back, params)
     assert got.scale_for("lm_head") == 3.0 / 4
@@ -263,9 +234,9 @@ def test_export_dora_matches_peft(llama, tmp_path):
     np.testing.assert_array_equal(
         tensors[key], np.asarray(params["model"]["layers"]["1"]["mlp"]["up_proj"]["lora_magnitude"])
     )
-    ref = _torch_logits(_peft_model(llama, tmp_path / "u"))
-    assert _rel(ref, _torch_logits(llama.model)) > 1e-2
-    assert _rel(_ours(config, lcfg, params), ref) <= RTOL
+    ref = torch_logits(_peft_model(llama, tmp_path / "u"))
+    assert rel(ref, torch_logits(llama.model)) > 1e-2
+    assert rel(_ours(config, lcfg, params), ref) <= RTOL
     back, got = import_peft(tmp_path / "u", base, config)
     assert got.use_dora
     _adapters_equal(back, params)
@@ -294,9 +265,9 @@ def test_export_pissa_olora_loads_on_original_base(llama, tmp_path, init):
     params = rl.combine(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), adapters), residual)
     export_peft(tmp_path, params, lcfg, config)
     assert _config_json(tmp_path)["init_lora_weights"] == init
-    ref = _torch_logits(_peft_model(llama, tmp_path))  # the original (not residual) base
-    assert _rel(ref, _torch_logits(llama.model)) > 1e-2
-    assert _rel(_ours(config, lcfg, params), ref) <= RTOL
+    ref = torch_logits(_peft_model(llama, tmp_path))  # the original (not residual) base
+    assert rel(ref, torch_logits(llama.model)) > 1e-2
+    assert rel(_ours(config, lcfg, params), ref) <= RTOL
     with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*residual base"):
         import_peft(tmp_path, base, config)
 
@@ -429,8 +400,8 @@ def _save_peft_adapter(base, directory, seed: int, **kwargs):
 def test_import_matches_peft(llama, tmp_path, case):
     scan, kwargs = IMPORT_CASES[case]["scan"], IMPORT_CASES[case]["kwargs"]
     pm = _save_peft_adapter(llama, tmp_path / "peft", seed=7, **kwargs)
-    ref = _torch_logits(pm)
-    assert _rel(ref, _torch_logits(llama.model)) > 1e-2
+    ref = torch_logits(pm)
+    assert rel(ref, torch_logits(llama.model)) > 1e-2
     config, base = llama.layouts[scan]
 
     params, got = import_peft(tmp_path / "peft", base, config)
@@ -443,7 +414,7 @@ def test_import_matches_peft(llama, tmp_path, case):
         assert got.scale_for(path) == pytest.approx(scale, rel=1e-12)
     for path in _all_kernel_paths(base):
         assert got.is_target(path, None) == (path in rl.adapter_paths(params))
-    assert _rel(_ours(config, got, params), ref) <= RTOL
+    assert rel(_ours(config, got, params), ref) <= RTOL
 
     # Exporting what we imported writes PEFT's tensors back, bit for bit, and a config that
     # gives every module PEFT's rank and alpha under PEFT's own pattern rule.
@@ -653,7 +624,7 @@ def test_import_tied_lm_head_refused(qwen2, tmp_path):
 def test_import_other_base_model_refused(good, tmp_path):
     # Wider MLP: the factors' shapes do not fit.
     other = LlamaConfig.from_hf(
-        transformers.LlamaConfig(**{**COMMON, "intermediate_size": 48}), scan_layers=False
+        transformers.LlamaConfig(**{**TINY, "intermediate_size": 48}), scan_layers=False
     )
     params = jax.eval_shape(lambda k: init_params(other, k), jax.random.key(0))
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)

@@ -515,15 +515,16 @@ def _resolve_config(config: Any, scanned: bool) -> tuple[LlamaConfig, Any]:
     )
 
 
-def _target(real_dir: Path, name: str) -> Path:
+def _target(real_dir: Path, name: str, who: str = "save_pretrained") -> Path:
+    """`real_dir / name`, refused if it is a symlink or not a regular file (`who` names the caller)."""
     target = real_dir / name
     if target.is_symlink() or (target.exists() and target.resolve().parent != real_dir):
         raise ValueError(
-            f"save_pretrained: {str(target)!r} is a symbolic link (to "
+            f"{who}: {str(target)!r} is a symbolic link (to "
             f"{str(target.resolve())!r}); refusing to write through it"
         )
     if target.exists() and not target.is_file():
-        raise ValueError(f"save_pretrained: {str(target)!r} exists and is not a regular file")
+        raise ValueError(f"{who}: {str(target)!r} exists and is not a regular file")
     return target
 
 

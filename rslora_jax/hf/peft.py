@@ -58,7 +58,7 @@ from rslora_jax.adapters import (
     join_path,
 )
 from rslora_jax.config import LoraConfig
-from rslora_jax.hf.checkpoint import hf_module_name
+from rslora_jax.hf.checkpoint import _target, _umask, _write_safetensors, hf_module_name
 from rslora_jax.models.llama import LlamaConfig, init_params
 from rslora_jax.variants import MAGNITUDE
 
@@ -271,28 +271,12 @@ def _number(x: float) -> int | float:
 
 
 # ---------------------------------------------------------------------------- file writing
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_atomically(directory: str | os.PathLike[str], writers: dict[str, Callable]) -> None:
     """Writes each file under a temporary name in `directory`, then moves all into place."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     real = directory.resolve()
-    targets = {}
-    for name in writers:
-        target = real / name
-        if target.is_symlink():
-            raise ValueError(
-                f"export_peft: {str(target)!r} is a symbolic link (to "
-                f"{str(target.resolve())!r}); refusing to write through it"
-            )
-        if target.exists() and not target.is_file():
-            raise ValueError(f"export_peft: {str(target)!r} exists and is not a regular file")
-        targets[name] = target
+    targets = {name: _target(real, name, "export_peft") for name in writers}
     temps: dict[str, str] = {}
     try:
         for name, write in writers.items():
@@ -310,12 +294,6 @@ def _write_atomically(directory: str | os.PathLike[str], writers: dict[str, Call
         for tmp in temps.values():
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-
-
-def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save_file
-
-    save_file(tensors, path, metadata={"format": "pt"})
 
 
 # ---------------------------------------------------------------------------- export
