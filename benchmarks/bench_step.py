@@ -5,7 +5,8 @@ Measured side by side, in one run, on the same model shape, batch and dtype:
 - ``floor``: the frozen model's forward plus the backward pass through the activations, with no
   weight gradients (differentiated w.r.t. the input embedding table only, whose gradient is a cheap
   scatter): no LoRA step can be cheaper;
-- ``lora``: the rsLoRA training step (factored forward, gradients w.r.t. the adapters only, AdamW
+- ``lora``: the rsLoRA training step (factored forward, or ``-fused``: merged forward with
+  low-rank gradients, `rslora_jax.fused`; gradients w.r.t. the adapters only, AdamW
   update), all seven linear layers of every block adapted, at each rank, optionally with remat;
 - ``full``: full fine-tuning (every parameter, AdamW), for scale;
 - ``merge``: folding all adapters into the kernels (jit, donated base), next to the time to read and
@@ -159,7 +160,8 @@ def _memory(compiled) -> dict[str, Any]:
 
 
 def run_one(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """Runs configuration `name` ("floor", "full", "lora-16", "lora-16-remat", "merge-16")."""
+    """Runs configuration `name` ("floor", "full", "lora-16", "lora-16-fused", "lora-16-remat",
+    "merge-16")."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -226,7 +228,8 @@ def run_one(args: argparse.Namespace, name: str) -> dict[str, Any]:
             return _run_merge(args, rec, params, adapters, lcfg)
         opt = rl.optimizer(optax.adamw(LR))
         opt_state = opt.init(adapters)
-        apply = rl.lora(model.apply, lcfg, mode=args.mode)
+        # "...-fused": merged forward with low-rank gradients (rslora_jax.fused) per projection.
+        apply = rl.lora(model.apply, lcfg, mode="fused" if "fused" in parts else args.mode)
 
         def step(ad, s, base, ids):
             _value, g = jax.value_and_grad(lambda a: loss_of(apply, rl.combine(a, base), ids))(ad)
@@ -358,9 +361,11 @@ def configs(args: argparse.Namespace) -> list[str]:
         return args.configs
     names = ["floor"]
     for r in args.ranks:
-        names.append(f"lora-{r}")
+        names += [f"lora-{r}", f"lora-{r}-fused"]
     if args.remat:
-        names += ["floor-remat"] + [f"lora-{r}-remat" for r in args.ranks]
+        names.append("floor-remat")
+        for r in args.ranks:
+            names += [f"lora-{r}-remat", f"lora-{r}-fused-remat"]
     if args.full:
         names.append("full")
     names += [f"merge-{r}" for r in args.ranks]
@@ -443,7 +448,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seq", type=int)
     p.add_argument("--dtype", default=None)
     p.add_argument("--adapter-dtype", default="float32")
-    p.add_argument("--mode", default="factored", choices=["factored", "merged", "auto"])
+    p.add_argument(
+        "--mode",
+        default="factored",
+        choices=["factored", "fused", "merged", "auto"],
+        help="forward of the lora-R configs (lora-R-fused ones always use 'fused')",
+    )
     p.add_argument("--attention", default="auto", help="auto (cudnn on GPU), xla, cudnn")
     p.add_argument("--steps", type=int)
     p.add_argument("--warmup", type=int)

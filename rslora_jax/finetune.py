@@ -18,8 +18,10 @@ standard-library code, made by ``scripts/pretrain_base.py``) fine-tuned on the b
 (the source of the standard-library modules in `rslora_jax.data.FINETUNE_MODULES`, held out
 from pretraining; the last 5% of its sequences are the held-out evaluation set).
 
-The training step is the factored forward (``rslora_jax.lora(model.apply, config)``),
-differentiated with respect to the adapters only (`split` / `combine`), with AdamW through
+The training step runs ``rslora_jax.lora(model.apply, config)`` (``mode="auto"``: at training
+batch sizes each projection is one matmul with ``W + gamma*A@B`` formed per step and low-rank
+adapter gradients, `rslora_jax.fused`), differentiated with respect to the adapters only
+(`split` / `combine`), with AdamW through
 `rslora_jax.optimizer`. ``--mesh data=2,model=4`` runs on several devices: the batch is split
 over ``data`` (and ``fsdp``) and the base is sharded FSDP-style over ``fsdp`` and
 tensor-parallel over ``model``; the adapters follow the base (`rslora_jax.partition_specs`).

@@ -1,6 +1,6 @@
 """`lora(apply_fn, config)`: run an unmodified linen model with its adapters.
 
-Two ways to compute an adapted layer, with the same result:
+Three ways to compute an adapted layer, with the same result (up to rounding):
 
 - **factored**: ``y = x @ W + gamma * (x @ A) @ B``, never forming ``W + gamma * A @ B``. Done by
   intercepting linen ``Dense``, ``DenseGeneral``, ``Einsum`` and Dense-like module calls
@@ -8,10 +8,18 @@ Two ways to compute an adapted layer, with the same result:
   adapter leaves sit in the same dict as the kernel and are sliced with it.
 - **merged**: fold the adapters into the kernels (float32, cast once) and call the model; works
   for any model, including layers the factored path does not know.
+- **fused** (`rslora_jax.fused`): per layer and per call, form ``W + gamma * A @ B`` (float32,
+  cast once) and run one matmul, with the adapter gradients computed in low-rank form by a custom
+  VJP (no ``d_in x d_out`` gradient). Fewer activation-sized reads and writes than the factored
+  path once a call holds more tokens than the layer has features (training batches); more work
+  for a handful of tokens. Plain LoRA pairs on ``nn.Dense`` layers and the projections of the
+  built-in models (`rslora_jax.models`); everything else as in ``"auto"``.
 
-``mode="auto"`` (the default) uses the factored path where it can and merges the rest. Which
-layers can be factored is found once per input structure by an abstract trace
-(`jax.eval_shape`), so it costs no FLOPs.
+``mode="auto"`` (the default) picks between the factored and the fused path per layer and per
+call by a cost rule (`rslora_jax.fused.prefers_fused`: fused once the call's tokens reach
+``d_in * d_out / (d_in + d_out)``, as in training; factored for a few tokens, as in decoding)
+and merges the layers neither can compute. Which layers can be factored is found once per input
+structure by an abstract trace (`jax.eval_shape`), so it costs no FLOPs.
 
 Variants. RaSA layers (`rslora_jax.rasa`) are computed as one LoRA pair
 ``[A_i | A_S], diag(d_i) [B_i ; B_S]`` with scale 1: the wrapper takes the top-level
@@ -34,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rslora_jax import fused as fused_mm
 from rslora_jax import native, rasa
 from rslora_jax.adapters import adapter_paths, join_path
 from rslora_jax.config import LoraConfig
@@ -41,8 +50,8 @@ from rslora_jax.lowrank import einsum_lowrank, einsum_roles, lowrank
 from rslora_jax.merge import merge, merged_kernels
 from rslora_jax.variants import MAGNITUDE, column_norm
 
-Mode = Literal["auto", "factored", "merged"]
-MODES = ("auto", "factored", "merged")
+Mode = Literal["auto", "factored", "fused", "merged"]
+MODES = ("auto", "factored", "fused", "merged")
 DROPOUT_RNG = "lora_dropout"
 
 # Module classes (or class names, so that optional dependencies need not be imported) whose
@@ -206,6 +215,7 @@ def _interceptor(
     skip: frozenset[str],
     compute: bool,
     shared: Any = None,
+    fused: bool | None = False,
 ):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -225,6 +235,12 @@ def _interceptor(
             handled.add(path)
             return next_fun(*args, **kwargs)
         handled.add(path)
+        if compute and fused is not False and not dora and _fusable(module, config):
+            x, call_args = _call_args(module, args, kwargs)
+            kernel = module.get_variable("params", "kernel")
+            tokens = math.prod(x.shape[:-1])
+            if fused or fused_mm.prefers_fused(tokens, kernel.shape[0], kernel.shape[1]):
+                return _fused_dense(module, path, config, x, call_args)
         y = next_fun(*args, **kwargs)
         if not compute:
             return y
@@ -265,6 +281,41 @@ def _interceptor(
     return intercept
 
 
+def _fusable(module: nn.Module, config: LoraConfig) -> bool:
+    """Whether `mode="fused"` computes this adapted layer with `fused.merged_matmul`: a plain
+    LoRA pair on an ``nn.Dense`` (its own ``__call__``, default dot_general, 2-D kernel) whose
+    compute dtype is known, with adapter dropout inactive. Other layers stay factored."""
+    if type(module).__call__ is not nn.Dense.__call__ or module.has_variable("params", rasa.DIAG):
+        return False
+    if getattr(module, "dot_general", None) is not None:
+        return False
+    if getattr(module, "dot_general_cls", None) is not None:
+        return False
+    if config.dropout > 0 and module.has_rng(DROPOUT_RNG):
+        return False
+    kernel = module.get_variable("params", "kernel")
+    return kernel.ndim == 2 and module.get_variable("params", "lora_a").ndim == 2
+
+
+def _fused_dense(module: nn.Dense, path: str, config: LoraConfig, x: Any, call_args: dict):
+    """``nn.Dense.__call__`` with the kernel ``W + gamma * A @ B`` (see `rslora_jax.fused`)."""
+    del call_args
+    kernel = module.get_variable("params", "kernel")
+    a = module.get_variable("params", "lora_a")
+    b = module.get_variable("params", "lora_b")
+    _check_local(path, a, b, x.shape[-1], kernel.shape[-1], "Dense")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    dtype = module.dtype
+    if dtype is None:  # flax promotes the input and the params to their common dtype
+        dtype = jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
+    (y,) = fused_mm.merged_matmul(
+        x, [kernel], [(a, b)], [config.scale_for(path)], dtype, module.precision
+    )
+    if bias is not None:
+        y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
 # ---------------------------------------------------------------------------- planning
 def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or hasattr(x, "aval")
@@ -296,10 +347,12 @@ def _factorable(apply_fn, config, variables, args, kwargs) -> frozenset[str]:
             full[i] = val
         v, a, kw = jax.tree.unflatten(treedef, full)
         with (
-            native.activate(config, frozenset(), config.dropout == 0.0),
+            native.activate(config, frozenset(), config.dropout == 0.0) as ctx,
             nn.intercept_methods(_interceptor(config, handled, frozenset(), compute=False)),
         ):
-            return apply_fn(v, *a, **kw)
+            out = apply_fn(v, *a, **kw)
+            handled.update(ctx.claimed)
+            return out
 
     handled: set[str] = set()
     dyn_vals = [
@@ -324,8 +377,9 @@ def lora(
       apply_fn: a linen ``Module.apply`` (or any function with that signature that runs
         linen modules).
       config: the adapter config.
-      mode: ``"factored"``, ``"merged"`` or ``"auto"`` (see the module docstring).
-        ``"factored"`` raises if an adapted kernel belongs to a layer it cannot factor.
+      mode: ``"factored"``, ``"fused"``, ``"merged"`` or ``"auto"`` (see the module
+        docstring). ``"factored"`` raises if an adapted kernel belongs to a layer it cannot
+        factor; ``"fused"`` and ``"auto"`` merge such layers.
 
     Returns:
       The wrapped apply function.
@@ -373,7 +427,7 @@ def lora(
             variables = {**variables, "params": params}
         wanted = set(adapter_paths(params))
         skip: frozenset[str] = frozenset()
-        if mode == "auto":
+        if mode in ("auto", "fused"):
             key = _signature((variables, args, kwargs))
             plan = plans.get(key) if key is not None else None
             if plan is None:
@@ -388,11 +442,13 @@ def lora(
                 variables = {**variables, "params": params}
                 skip = frozenset(unhandled)
         handled: set[str] = set()
+        fused = {"fused": True, "auto": None}.get(mode, False)
         with (
-            native.activate(config, skip, config.dropout == 0.0),
-            nn.intercept_methods(_interceptor(config, handled, skip, True, shared)),
+            native.activate(config, skip, config.dropout == 0.0, fused=fused) as ctx,
+            nn.intercept_methods(_interceptor(config, handled, skip, True, shared, fused=fused)),
         ):
             out = apply_fn(variables, *args, **kwargs)
+        handled.update(ctx.claimed)
         missing = wanted - handled - skip
         if mode == "factored" and missing:
             raise ValueError(

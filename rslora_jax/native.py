@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from rslora_jax import fused
 from rslora_jax.config import LoraConfig
 
 _ACTIVE: contextvars.ContextVar[NativeLoRA | None] = contextvars.ContextVar(
@@ -31,11 +33,28 @@ PLAIN_KEYS = frozenset({"kernel", "bias", "lora_a", "lora_b"})
 class NativeLoRA:
     """State of one `lora` call, as seen by models that compute adapters themselves."""
 
-    def __init__(self, config: LoraConfig, skip: frozenset[str], enabled: bool):
+    def __init__(
+        self,
+        config: LoraConfig,
+        skip: frozenset[str],
+        enabled: bool,
+        fused: bool | None = False,
+    ):
         self.config = config
         self.skip = skip
         self.enabled = enabled
+        # True under ``lora(..., mode="fused")``, None under "auto" (the cost rule decides per
+        # call), False under "factored".
+        self.fused = fused
         self.claimed: set[str] = set()
+
+    def fuses(self, x: jax.Array, d_outs: list[int]) -> bool:
+        """Whether claimed projections of input `x` with outputs `d_outs` use the fused path
+        (`rslora_jax.fused.merged_matmul`: merged forward, low-rank gradients)."""
+        if self.fused is not None:
+            return self.fused
+        tokens = math.prod(x.shape[:-1])
+        return fused.prefers_fused(tokens, x.shape[-1], sum(d_outs))
 
     def claim(self, path: str, holder: Mapping[str, Any] | None) -> bool:
         """Claims the adapter at `path` (whose params dict is `holder`) for native computation.
@@ -57,8 +76,10 @@ def active() -> NativeLoRA | None:
 
 
 @contextlib.contextmanager
-def activate(config: LoraConfig, skip: frozenset[str], enabled: bool) -> Iterator[NativeLoRA]:
-    state = NativeLoRA(config, skip, enabled)
+def activate(
+    config: LoraConfig, skip: frozenset[str], enabled: bool, fused: bool | None = False
+) -> Iterator[NativeLoRA]:
+    state = NativeLoRA(config, skip, enabled, fused)
     token = _ACTIVE.set(state)
     try:
         yield state

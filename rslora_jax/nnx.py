@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rslora_jax._types import PRNGKey, PyTree
 from rslora_jax.adapters import KernelLayout, init_factor_a, path_key, target_paths
 from rslora_jax.config import LoraConfig
+from rslora_jax.fused import merged_matmul, prefers_fused
 from rslora_jax.lowrank import einsum_lowrank, einsum_roles, lowrank
 from rslora_jax.merge import merge as merge_params
 from rslora_jax.sharding import factor_specs
@@ -103,11 +104,37 @@ class _LoraLayer:
     def _factors(self) -> tuple[jax.Array, jax.Array]:
         return self.lora_a[...], self.lora_b[...]
 
+    def _dropout_active(self) -> bool:
+        dropout = getattr(self, "adapter_dropout", None)
+        return dropout is not None and dropout.rate > 0 and not dropout.deterministic
+
 
 class LoraLinear(nnx.Linear, _LoraLayer):
-    """`nnx.Linear` with a factored rsLoRA branch (made by `add_adapters`)."""
+    """`nnx.Linear` with an rsLoRA branch (made by `add_adapters`): factored, or fused
+    (`rslora_jax.fused.merged_matmul`: one matmul with ``W + gamma*A@B``, low-rank gradients)
+    as the layer's ``lora_mode`` says (``"auto"``: by `rslora_jax.fused.prefers_fused`)."""
+
+    def _fuses(self, inputs: jax.Array, out_sharding: Any) -> bool:
+        mode = getattr(self, "lora_mode", "auto")
+        if mode == "factored" or out_sharding is not None or self._dropout_active():
+            return False
+        if self.dot_general is not jax.lax.dot_general or self.preferred_element_type is not None:
+            return False
+        if mode == "fused":
+            return True
+        tokens = math.prod(inputs.shape[:-1])
+        return prefers_fused(tokens, self.in_features, self.out_features)
 
     def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        if self._fuses(inputs, out_sharding):
+            kernel = self.kernel[...]
+            bias = self.bias[...] if self.bias is not None else None
+            x, _, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+            a, b = self._factors()
+            (y,) = merged_matmul(x, [kernel], [(a, b)], [self.lora_scale], x.dtype, self.precision)
+            if bias is not None:
+                y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+            return y
         y = super().__call__(inputs, out_sharding=out_sharding)
         a, b = self._factors()
         delta = lowrank(self._adapter_input(inputs), a, b, self.lora_scale, y.dtype)
@@ -334,6 +361,7 @@ def add_adapters(
     key: PRNGKey,
     *,
     dropout_rngs: nnx.Rngs | nnx.RngStream | None = None,
+    mode: str = "auto",
 ) -> Any:
     """Adds factored rsLoRA adapters to an NNX model, in place.
 
@@ -351,6 +379,11 @@ def add_adapters(
       dropout_rngs: needed when ``config.dropout > 0``: each adapted layer gets an
         ``nnx.Dropout`` (attribute ``adapter_dropout``) on the adapter input, drawing from
         this ``Rngs``' ``dropout`` stream; ``model.eval()`` turns it off.
+      mode: how ``nnx.Linear`` layers compute the adapter (as `rslora_jax.lora`'s modes):
+        ``"factored"``, ``"fused"`` (one matmul with ``W + gamma*A@B`` formed per call, adapter
+        gradients in low-rank form; `rslora_jax.fused`) or ``"auto"`` (fused once a call's tokens
+        reach ``d_in*d_out/(d_in+d_out)``). Kept per layer as ``lora_mode``; active adapter
+        dropout, ``LinearGeneral`` and ``Einsum`` layers are always factored.
 
     Returns:
       `model`.
@@ -378,6 +411,8 @@ def add_adapters(
     if not isinstance(config, LoraConfig):
         raise ValueError(f"add_adapters: config must be a LoraConfig, got {type(config)}")
     _check_variant(config)
+    if mode not in ("auto", "factored", "fused"):
+        raise ValueError(f"add_adapters: mode must be 'auto', 'factored' or 'fused', got {mode!r}")
     if config.dropout > 0 and dropout_rngs is None:
         raise ValueError(
             f"add_adapters: LoraConfig.dropout={config.dropout} needs dropout_rngs "
@@ -447,6 +482,7 @@ def add_adapters(
         module.lora_scale = float(config.scale_for(p))
         module.lora_roles = local  # as the module sees its kernel (inside nnx.scan: no stack)
         module.lora_path = p
+        module.lora_mode = mode
         if config.dropout > 0:
             module.adapter_dropout = nnx.Dropout(config.dropout, rngs=dropout_rngs)
     return model
@@ -457,7 +493,15 @@ def _lora_layers(model: Any) -> list[tuple[str, Any]]:
 
 
 def _strip(module: Any) -> None:
-    for name in ("lora_a", "lora_b", "lora_scale", "lora_roles", "lora_path", "adapter_dropout"):
+    for name in (
+        "lora_a",
+        "lora_b",
+        "lora_scale",
+        "lora_roles",
+        "lora_path",
+        "lora_mode",
+        "adapter_dropout",
+    ):
         if name in vars(module):
             delattr(module, name)
     _set_class(module, _base_class(type(module)))

@@ -157,8 +157,8 @@ def test_dropout_only_with_rng_and_only_on_adapter_branch():
 
 
 def test_bad_mode_and_variables():
-    with pytest.raises(ValueError, match="mode=.*'fused'"):
-        rl.lora(M.MLP().apply, rl.LoraConfig(), mode="fused")
+    with pytest.raises(ValueError, match="mode=.*'fast'"):
+        rl.lora(M.MLP().apply, rl.LoraConfig(), mode="fast")
     with pytest.raises(ValueError, match="'params' collection"):
         rl.lora(M.MLP().apply, rl.LoraConfig())({"kernel": 1}, jnp.ones((1, 7)))
 

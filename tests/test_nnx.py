@@ -400,6 +400,33 @@ def test_llama_factored_equals_merged_and_split_merge_round_trips(tokens):
 
 
 @LLAMA_DTYPES
+def test_fused_and_factored_linear_layers_agree(tokens):
+    """add_adapters(mode=...): the fused nnx.Linear path (rslora_jax.fused) gives the factored
+    path's loss and adapter gradients; "auto" fuses at this token count."""
+
+    def run(mode):
+        model = rln.add_adapters(_llama(), CFG, jax.random.key(1), mode=mode)
+        _randomize_b(model, seed=4, std=0.3)
+        grad = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))
+        loss, grads = nnx.jit(grad)(model, tokens)
+        layer = model.model.layers[0].mlp.up_proj
+        assert layer.lora_mode == mode
+        return loss, nnx.to_pure_dict(grads), layer._fuses(jnp.zeros((BATCH, SEQ, D)), None)
+
+    ref_loss, ref_grads, fuses = run("factored")
+    assert not fuses
+    for mode in ("fused", "auto"):
+        loss, grads, fuses = run(mode)
+        assert fuses
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+            assert np.abs(np.asarray(w)).max() > 0
+    with pytest.raises(ValueError, match="mode must be 'auto', 'factored' or 'fused', got 'x'"):
+        rln.add_adapters(_llama(), CFG, jax.random.key(1), mode="x")
+
+
+@LLAMA_DTYPES
 def test_nnx_optimizer_trains_only_adapters(reference_run):
     model, opt, before, losses = reference_run
     assert losses[-1] < losses[0] - 0.05, losses

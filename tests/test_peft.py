@@ -68,9 +68,9 @@ def _peft_model(base, directory):
     return peft.PeftModel.from_pretrained(copy.deepcopy(base.model), str(directory)).eval()
 
 
-def _ours(config: LlamaConfig, lora_config: rl.LoraConfig, params) -> np.ndarray:
+def _ours(config: LlamaConfig, lora_config: rl.LoraConfig, params, mode="factored") -> np.ndarray:
     # Eager: the ops compile once and are shared by every config and layout of this file.
-    apply = rl.lora(LlamaForCausalLM(config).apply, lora_config, mode="factored")
+    apply = rl.lora(LlamaForCausalLM(config).apply, lora_config, mode=mode)
     return np.asarray(apply({"params": params}, jnp.asarray(IDS, jnp.int32)), np.float32)
 
 
@@ -160,6 +160,8 @@ def test_export_matches_peft(llama, tmp_path, scan, scaling):
     ref = torch_logits(pm)
     assert rel(ref, torch_logits(llama.model)) > 1e-2  # the adapter matters
     assert rel(_ours(config, lcfg, params), ref) <= RTOL
+    # The fused forward (merged kernel per call, rslora_jax.fused) computes the same model.
+    assert rel(_ours(config, lcfg, params, mode="fused"), ref) <= RTOL
 
 
 def test_export_qwen2_regex_targets(qwen2, tmp_path):

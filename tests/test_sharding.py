@@ -56,16 +56,20 @@ def problem():
     # Non-zero B so that the first step moves A as well.
     adapters = jax.tree.map(lambda a: a + 0.05, adapters)
     opt = rl.optimizer(optax.adamw(1e-2, weight_decay=0.01))
-    apply = rl.lora(model.apply, cfg)
 
-    def step(adapters, state, base, x, y):
-        def loss(ad):
-            out = apply({"params": rl.combine(ad, base)}, x)
-            return jnp.mean((out - y) ** 2)
+    def make_step(mode):
+        apply = rl.lora(model.apply, cfg, mode=mode)
 
-        value, grads = jax.value_and_grad(loss)(adapters)
-        upd, state = opt.update(grads, state, adapters)
-        return optax.apply_updates(adapters, upd), state, value
+        def step(adapters, state, base, x, y):
+            def loss(ad):
+                out = apply({"params": rl.combine(ad, base)}, x)
+                return jnp.mean((out - y) ** 2)
+
+            value, grads = jax.value_and_grad(loss)(adapters)
+            upd, state = opt.update(grads, state, adapters)
+            return optax.apply_updates(adapters, upd), state, value
+
+        return step
 
     def run(step_fn, adapters, state, base, x, y, n=3):
         losses = []
@@ -74,14 +78,24 @@ def problem():
             losses.append(float(value))
         return adapters, losses
 
-    single = run(jax.jit(step), adapters, opt.init(adapters), base, x, y)
+    # The reference: one device, factored forward.
+    single = run(jax.jit(make_step("factored")), adapters, opt.init(adapters), base, x, y)
     return dict(
-        base=base, adapters=adapters, opt=opt, step=step, run=run, x=x, y=y, cfg=cfg, single=single
+        base=base,
+        adapters=adapters,
+        opt=opt,
+        make_step=make_step,
+        run=run,
+        x=x,
+        y=y,
+        cfg=cfg,
+        single=single,
     )
 
 
+@pytest.mark.parametrize("mode", ["factored", "fused"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_sharded_step_equals_single_device(problem, layout):
+def test_sharded_step_equals_single_device(problem, layout, mode):
     assert len(jax.devices()) == 8, "tests/conftest.py sets 8 fake CPU devices"
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     p = problem
@@ -98,7 +112,7 @@ def test_sharded_step_equals_single_device(problem, layout):
     ad_sh, base_sh, st_sh = named(ad_specs), named(base_specs), named(state_specs)
     batch_sh = NamedSharding(mesh, P("data"))
     step = jax.jit(
-        p["step"],
+        p["make_step"](mode),
         in_shardings=(ad_sh, st_sh, base_sh, batch_sh, batch_sh),
         out_shardings=(ad_sh, st_sh, NamedSharding(mesh, P())),
     )

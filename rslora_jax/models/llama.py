@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rslora_jax import native
+from rslora_jax import fused, native
 from rslora_jax._types import Array, Params, PRNGKey
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -560,32 +560,51 @@ def _dense(config: LlamaConfig, features: int, use_bias: bool, name: str) -> nn.
     )
 
 
-def _native_deltas(module: nn.Module, names: tuple[str, ...], x: Array) -> dict[str, Array]:
-    """Adapter outputs of the child projections `names` (which all read `x`), if claimed.
+def _projections(module: nn.Module, x: Array, specs: tuple[tuple[str, int, bool], ...]) -> list:
+    """Outputs of the child Dense projections `specs` (``(name, features, use_bias)``), which
+    all read `x`, with their adapters.
 
-    Inside `rslora_jax.lora`, plain LoRA adapters of these projections are computed here with
-    a single ``x @ [A_1 | A_2 | ...]`` matmul (x is read once for all of them) instead of one
-    interception per projection; the interceptor then skips them. Outside it, returns {}.
+    Inside `rslora_jax.lora`, plain LoRA adapters of these projections are claimed and computed
+    here rather than by the interceptor: factored with a single ``x @ [A_1 | A_2 | ...]`` matmul
+    (x is read once for all of them), or under ``mode="fused"`` with one merged matmul per
+    projection and low-rank gradients (`rslora_jax.fused`; ``mode="auto"`` picks per call by
+    `rslora_jax.fused.prefers_fused`). Outside it, plain Dense layers.
     """
+    c = module.config
     ctx = native.active()
-    if ctx is None:
-        return {}
     params = module.variables.get("params", {})
-    claimed = []
-    for name in names:
-        path = "/".join((*module.path, name))
-        if ctx.claim(path, params.get(name)):
-            claimed.append((name, path))
-    if not claimed:
-        return {}
+    claimed: list[tuple[str, str]] = []
+    if ctx is not None:
+        for name, _, _ in specs:
+            path = "/".join((*module.path, name))
+            if ctx.claim(path, params.get(name)):
+                claimed.append((name, path))
     holders = [params[name] for name, _ in claimed]
-    scales = [ctx.config.scale_for(path) for _, path in claimed]
-    deltas = native.fused_deltas(x, holders, scales, module.config.dtype)
-    return {name: d for (name, _), d in zip(claimed, deltas)}
-
-
-def _add(y: Array, delta: Array | None) -> Array:
-    return y if delta is None else y + delta.astype(y.dtype)
+    scales = [ctx.config.scale_for(path) for _, path in claimed] if ctx is not None else []
+    outs: dict[str, Array] = {}
+    deltas: dict[str, Array] = {}
+    d_outs = [h["kernel"].shape[-1] for h in holders]
+    if claimed and ctx.fuses(x, d_outs):
+        ys = fused.merged_matmul(
+            x,
+            [h["kernel"] for h in holders],
+            [(h["lora_a"], h["lora_b"]) for h in holders],
+            scales,
+            c.dtype,
+        )
+        for (name, _), h, y in zip(claimed, holders, ys):
+            outs[name] = y if "bias" not in h else y + h["bias"].astype(y.dtype)
+    elif claimed:
+        found = native.fused_deltas(x, holders, scales, c.dtype)
+        deltas = {name: d for (name, _), d in zip(claimed, found)}
+    result = []
+    for name, features, use_bias in specs:
+        if name in outs:
+            result.append(outs[name])
+            continue
+        y = _dense(c, features, use_bias, name)(x)
+        result.append(y if name not in deltas else y + deltas[name].astype(y.dtype))
+    return result
 
 
 class LlamaAttention(nn.Module):
@@ -598,11 +617,15 @@ class LlamaAttention(nn.Module):
         c = self.config
         b, s, _ = x.shape
         hd, nq, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        # Adapters claimed here are computed with one matmul for the three A factors.
-        lora = _native_deltas(self, ("q_proj", "k_proj", "v_proj"), x)
-        q = _add(_dense(c, nq * hd, c.qkv_bias, "q_proj")(x), lora.get("q_proj"))
-        k = _add(_dense(c, nkv * hd, c.qkv_bias, "k_proj")(x), lora.get("k_proj"))
-        v = _add(_dense(c, nkv * hd, c.qkv_bias, "v_proj")(x), lora.get("v_proj"))
+        q, k, v = _projections(
+            self,
+            x,
+            (
+                ("q_proj", nq * hd, c.qkv_bias),
+                ("k_proj", nkv * hd, c.qkv_bias),
+                ("v_proj", nkv * hd, c.qkv_bias),
+            ),
+        )
         q = q.reshape(b, s, nq, hd)
         k = k.reshape(b, s, nkv, hd)
         v = v.reshape(b, s, nkv, hd)
@@ -629,8 +652,8 @@ class LlamaAttention(nn.Module):
             # keeps only the log-sum-exp; with remat the whole layer is recomputed anyway).
             attend = jax.checkpoint(attend)
         out = attend(q, k, v).reshape(b, s, nq * hd)
-        lora = _native_deltas(self, ("o_proj",), out)
-        return _add(_dense(c, c.hidden_size, c.o_bias, "o_proj")(out), lora.get("o_proj"))
+        (y,) = _projections(self, out, (("o_proj", c.hidden_size, c.o_bias),))
+        return y
 
 
 class LlamaMLP(nn.Module):
@@ -641,14 +664,17 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        lora = _native_deltas(self, ("gate_proj", "up_proj"), x)
-        gate = _add(
-            _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x), lora.get("gate_proj")
+        gate, up = _projections(
+            self,
+            x,
+            (
+                ("gate_proj", c.intermediate_size, c.mlp_bias),
+                ("up_proj", c.intermediate_size, c.mlp_bias),
+            ),
         )
-        up = _add(_dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x), lora.get("up_proj"))
         h = nn.silu(gate) * up
-        lora = _native_deltas(self, ("down_proj",), h)
-        return _add(_dense(c, c.hidden_size, c.mlp_bias, "down_proj")(h), lora.get("down_proj"))
+        (y,) = _projections(self, h, (("down_proj", c.hidden_size, c.mlp_bias),))
+        return y
 
 
 class LlamaDecoderLayer(nn.Module):
