@@ -12,8 +12,8 @@ Three ways to compute an adapted layer, with the same result (up to rounding):
   cast once) and run one matmul, with the adapter gradients computed in low-rank form by a custom
   VJP (no ``d_in x d_out`` gradient). Fewer activation-sized reads and writes than the factored
   path once a call holds more tokens than the layer has features (training batches); more work
-  for a handful of tokens. Plain LoRA pairs on ``nn.Dense`` layers and the projections of the
-  built-in models (`rslora_jax.models`); everything else as in ``"auto"``.
+  for a handful of tokens. ``nn.Dense`` layers (LoRA, RaSA and DoRA adapters) and the
+  projections of the built-in models (`rslora_jax.models`); everything else as in ``"auto"``.
 
 ``mode="auto"`` (the default) picks between the factored and the fused path per layer and per
 call by a cost rule (`rslora_jax.fused.prefers_fused`: fused once the call's tokens reach
@@ -235,12 +235,12 @@ def _interceptor(
             handled.add(path)
             return next_fun(*args, **kwargs)
         handled.add(path)
-        if compute and fused is not False and not dora and _fusable(module, config):
+        if compute and fused is not False and _fusable(module, config):
             x, call_args = _call_args(module, args, kwargs)
             kernel = module.get_variable("params", "kernel")
             tokens = math.prod(x.shape[:-1])
             if fused or fused_mm.prefers_fused(tokens, kernel.shape[0], kernel.shape[1]):
-                return _fused_dense(module, path, config, x, call_args)
+                return _fused_dense(module, path, config, x, shared)
         y = next_fun(*args, **kwargs)
         if not compute:
             return y
@@ -282,10 +282,10 @@ def _interceptor(
 
 
 def _fusable(module: nn.Module, config: LoraConfig) -> bool:
-    """Whether `mode="fused"` computes this adapted layer with `fused.merged_matmul`: a plain
-    LoRA pair on an ``nn.Dense`` (its own ``__call__``, default dot_general, 2-D kernel) whose
-    compute dtype is known, with adapter dropout inactive. Other layers stay factored."""
-    if type(module).__call__ is not nn.Dense.__call__ or module.has_variable("params", rasa.DIAG):
+    """Whether `mode="fused"` computes this adapted layer with `fused.merged_matmul`: an
+    ``nn.Dense`` (its own ``__call__``, default dot_general, 2-D kernel) with a LoRA, RaSA or
+    DoRA adapter and adapter dropout inactive. Other layers stay factored."""
+    if type(module).__call__ is not nn.Dense.__call__:
         return False
     if getattr(module, "dot_general", None) is not None:
         return False
@@ -297,20 +297,31 @@ def _fusable(module: nn.Module, config: LoraConfig) -> bool:
     return kernel.ndim == 2 and module.get_variable("params", "lora_a").ndim == 2
 
 
-def _fused_dense(module: nn.Dense, path: str, config: LoraConfig, x: Any, call_args: dict):
-    """``nn.Dense.__call__`` with the kernel ``W + gamma * A @ B`` (see `rslora_jax.fused`)."""
-    del call_args
+def _fused_dense(module: nn.Dense, path: str, config: LoraConfig, x: Any, shared: Any):
+    """``nn.Dense.__call__`` with the kernel ``W + gamma * A @ B`` (see `rslora_jax.fused`).
+
+    RaSA layers use their combined pair ``[A_i | A_S], diag(d_i) [B_i ; B_S]`` (scale 1);
+    DoRA layers scale the output columns by ``m / ||W + gamma*A@B||`` (norm detached), which
+    equals PEFT's ``y + (m/n - 1) * (x @ W) + (m/n) * lora(x)``.
+    """
     kernel = module.get_variable("params", "kernel")
     a = module.get_variable("params", "lora_a")
     b = module.get_variable("params", "lora_b")
     _check_local(path, a, b, x.shape[-1], kernel.shape[-1], "Dense")
+    scale = config.scale_for(path)
+    if module.has_variable("params", rasa.DIAG):
+        holder = {"lora_a": a, "lora_b": b, rasa.DIAG: module.get_variable("params", rasa.DIAG)}
+        a, b = rasa.factors(holder, path, config, shared)
+        scale = 1.0
     bias = module.get_variable("params", "bias") if module.use_bias else None
     dtype = module.dtype
     if dtype is None:  # flax promotes the input and the params to their common dtype
         dtype = jnp.result_type(x, kernel, *(() if bias is None else (bias,)))
-    (y,) = fused_mm.merged_matmul(
-        x, [kernel], [(a, b)], [config.scale_for(path)], dtype, module.precision
-    )
+    (y,) = fused_mm.merged_matmul(x, [kernel], [(a, b)], [scale], dtype, module.precision)
+    if module.has_variable("params", MAGNITUDE):
+        n = jax.lax.stop_gradient(column_norm(kernel, a, b, scale))
+        m = module.get_variable("params", MAGNITUDE).astype(jnp.float32)
+        y = y * (m / n).astype(dtype)
     if bias is not None:
         y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
     return y

@@ -170,7 +170,7 @@ def case(request):
         plain=jax.jit(model.apply),
         factored=jax.jit(rl.lora(model.apply, cfg, mode="factored")),
         loss=loss,
-        grads={mode: grad(adapters, base, mode) for mode in ("factored", "merged")},
+        grads={mode: grad(adapters, base, mode) for mode in ("factored", "fused", "merged")},
     )
 
 
@@ -282,6 +282,8 @@ def test_forward_equals_merge_equals_formula(case):
     assert np.abs(np.asarray(plain({"params": case["params"]}, x)) - want).max() > 1e-2
     factored = case["factored"]({"params": adapted}, x)
     np.testing.assert_allclose(factored, want, rtol=2e-5, atol=2e-5)
+    fused = rl.lora(case["model"].apply, case["cfg"], mode="fused")({"params": adapted}, x)
+    np.testing.assert_allclose(fused, want, rtol=2e-5, atol=2e-5)
     merged = rl.merge(adapted, case["cfg"])
     assert jax.tree.structure(merged) == jax.tree.structure(case["params"])
     np.testing.assert_allclose(plain({"params": merged}, x), want, rtol=2e-5, atol=2e-5)
@@ -291,10 +293,11 @@ def test_forward_equals_merge_equals_formula(case):
     )
 
 
-def test_factored_and_merged_gradients_agree_and_reach_the_pool(case):
+def test_factored_fused_and_merged_gradients_agree_and_reach_the_pool(case):
     g_f, g_m = case["grads"]["factored"], case["grads"]["merged"]
     assert jax.tree.structure(g_f) == jax.tree.structure(rl.split(case["adapted"])[0])
     _assert_trees_close(g_f, g_m)
+    _assert_trees_close(case["grads"]["fused"], g_m)
     for path, g in jax.tree_util.tree_leaves_with_path(g_f):
         assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
 

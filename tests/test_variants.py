@@ -363,7 +363,8 @@ def test_dora_forward_equals_merge_equals_formula(name):
     )
 
 
-def test_dora_gradient_treats_the_norm_as_a_constant():
+@pytest.mark.parametrize("mode", ["factored", "fused"])
+def test_dora_gradient_treats_the_norm_as_a_constant(mode):
     """Gradients equal a written-out forward with stop_gradient(||W + sAB||), and differ from
     the one that differentiates through the norm (so the check can fail)."""
     model = nn.Dense(6)
@@ -376,7 +377,7 @@ def test_dora_gradient_treats_the_norm_as_a_constant():
 
     def ours(ad):
         return jnp.sum(
-            jnp.sin(rl.lora(model.apply, cfg, mode="factored")({"params": rl.combine(ad, base)}, x))
+            jnp.sin(rl.lora(model.apply, cfg, mode=mode)({"params": rl.combine(ad, base)}, x))
         )
 
     def written(ad, detach):
@@ -429,11 +430,20 @@ def test_dora_matches_peft_forward_and_gradients():
         def __call__(self, x):
             return nn.Dense(10, use_bias=False, name="v")(jnp.tanh(nn.Dense(7, name="q")(x)))
 
-    apply = rl.lora(Net().apply, cfg, mode="factored")
     adapters, base = rl.split(tree)
-    out = apply({"params": tree}, x)
-    np.testing.assert_allclose(out, out_t.detach().numpy(), rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda a: jnp.sum(jnp.sin(apply({"params": rl.combine(a, base)}, x))))(adapters)
+    for mode in ("factored", "fused"):
+        apply = rl.lora(Net().apply, cfg, mode=mode)
+        out = apply({"params": tree}, x)
+        np.testing.assert_allclose(out, out_t.detach().numpy(), rtol=1e-5, atol=1e-5, err_msg=mode)
+
+        def loss(a, apply=apply):
+            return jnp.sum(jnp.sin(apply({"params": rl.combine(a, base)}, x)))
+
+        g = jax.grad(loss)(adapters)
+        _dora_grads_match(g, torch_net)
+
+
+def _dora_grads_match(g, torch_net):
     for name in ("q", "v"):
         layer = torch_net.layer(name)
         np.testing.assert_allclose(
