@@ -95,25 +95,29 @@ def _setup(args: argparse.Namespace, remat: bool):
         **size["model"],
         dtype=args.dtype,
         param_dtype=args.dtype,
-        scan_layers=True,
+        # --compile-only unrolls the layers: XLA's cost analysis counts a scan body once.
+        scan_layers=not args.compile_only,
         remat=remat,
         attention_impl="cudnn" if on_gpu and args.attention == "auto" else None,
     )
     if args.attention not in ("auto", "xla"):
         cfg = cfg.replace(attention_impl=args.attention)
+    if args.compile_only:  # shapes only: nothing is allocated
+        params = jax.eval_shape(lambda key: init_params(cfg, key), jax.random.key(0))
+        return cfg, params, jax.ShapeDtypeStruct((args.batch, args.seq + 1), jnp.int32)
     params = init_params(cfg, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, cfg.vocab_size)
     return cfg, params, ids.astype(jnp.int32)
 
 
-def _lora_config(rank: int, adapter_dtype: str):
+def _lora_config(rank: int, adapter_dtype: str, scanned: bool = True):
     import rslora_jax as rl
 
     return rl.LoraConfig(
         rank=rank,
         alpha=ALPHA,
         targets=list(TARGETS),
-        kernel_axes={"model/layers/.*": "lio"},
+        kernel_axes={"model/layers/.*": "lio"} if scanned else None,
         dtype=adapter_dtype,
     )
 
@@ -209,7 +213,7 @@ def run_one(args: argparse.Namespace, name: str) -> dict[str, Any]:
         state = (embed, rest, ids)
     elif kind == "full":
         opt = optax.adamw(LR)
-        opt_state = opt.init(params)
+        opt_state = jax.eval_shape(opt.init, params) if args.compile_only else opt.init(params)
 
         def step(p, s, ids):
             _value, g = jax.value_and_grad(lambda p: loss_of(model.apply, p, ids))(p)
@@ -222,12 +226,15 @@ def run_one(args: argparse.Namespace, name: str) -> dict[str, Any]:
     elif kind in ("lora", "merge"):
         rank = int(parts[1])
         # "...-bf16ad": adapters stored in bf16 (no per-step casts; the default is float32).
-        lcfg = _lora_config(rank, "bfloat16" if "bf16ad" in parts else args.adapter_dtype)
+        adapter_dtype = "bfloat16" if "bf16ad" in parts else args.adapter_dtype
+        lcfg = _lora_config(rank, adapter_dtype, scanned=cfg.scan_layers)
         adapters = rl.init_adapters(params, lcfg, jax.random.key(2))
         if kind == "merge":
+            if args.compile_only:
+                return {**rec, "error": "merge is not measured with --compile-only"}
             return _run_merge(args, rec, params, adapters, lcfg)
         opt = rl.optimizer(optax.adamw(LR))
-        opt_state = opt.init(adapters)
+        opt_state = jax.eval_shape(opt.init, adapters) if args.compile_only else opt.init(adapters)
         # "...-fused": merged forward with low-rank gradients (rslora_jax.fused) per projection.
         apply = rl.lora(model.apply, lcfg, mode="fused" if "fused" in parts else args.mode)
 
@@ -242,6 +249,10 @@ def run_one(args: argparse.Namespace, name: str) -> dict[str, Any]:
         rec["adapter_params"] = rl.num_adapter_params(adapters)
     else:
         raise ValueError(f"unknown configuration {name!r}")
+    if args.compile_only:
+        rec.update(_memory(compiled))
+        rec.update(_cost(compiled))
+        return rec
     state, first, times = _time(compiled, state, args.steps, args.warmup)
     med = statistics.median(times)
     rec.update(
@@ -368,7 +379,8 @@ def configs(args: argparse.Namespace) -> list[str]:
             names += [f"lora-{r}-remat", f"lora-{r}-fused-remat"]
     if args.full:
         names.append("full")
-    names += [f"merge-{r}" for r in args.ranks]
+    if not args.compile_only:
+        names += [f"merge-{r}" for r in args.ranks]
     return names
 
 
@@ -416,6 +428,19 @@ def table(results: list[dict[str, Any]], peft_rows: list[dict[str, Any]]) -> str
     for r in results:
         if "error" in r:
             lines.append(f"{r['config']:18} ERROR {r['error'][-200:]!r}")
+            continue
+        if "ms" not in r:  # --compile-only: XLA's static estimates
+            floor = by.get(
+                "-".join(["floor", *[p for p in r["config"].split("-") if "remat" in p]])
+            )
+            extra = ""
+            if floor and r is not floor and "xla_gbytes" in floor:
+                extra = f"  (+{r['xla_gbytes'] - floor['xla_gbytes']:.4g} GB over the floor)"
+            lines.append(
+                f"{r['config']:18} XLA: {r.get('xla_tflop', float('nan')):.4g} TFLOP, "
+                f"{r.get('xla_gbytes', float('nan')):.4g} GB accessed, "
+                f"{r.get('xla_estimate_gib', float('nan')):.4g} GiB{extra}"
+            )
             continue
         if r["config"].startswith("merge"):
             lines.append(
@@ -475,6 +500,12 @@ def parse(argv=None) -> argparse.Namespace:
         "--configs",
         type=lambda s: s.split(","),
         help="explicit list, e.g. floor,lora-16,lora-16-remat,full,merge-16",
+    )
+    p.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="compile each configuration from shapes alone (layers unrolled) and report XLA's "
+        "static estimates (FLOPs, bytes accessed, memory) without running: any model size on CPU",
     )
     p.add_argument("--only", help=argparse.SUPPRESS)
     p.add_argument("--json", help="write results here")
