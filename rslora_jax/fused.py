@@ -5,8 +5,9 @@ arrays several times per projection (the ``(x @ A) @ B`` product, its add to ``x
 the backward pass the ``dy @ B^T @ A^T`` product and its add to ``dy @ W^T``). When a call holds
 more tokens than the layer has features, forming ``W + gamma * A @ B`` on the fly is cheaper:
 
-- forward: ``W' = cast(W + gamma * A @ B)`` (float32 add, cast once, as `rslora_jax.merge`),
-  ``y = x @ W'``, plus the rank-sized ``x @ A`` kept for the backward pass;
+- forward: ``W' = cast(W + gamma * A @ B)`` (``A @ B`` from the factors in the compute dtype,
+  accumulated, scaled and added in float32, cast once), ``y = x @ W'``, plus the rank-sized
+  ``x @ A`` kept for the backward pass;
 - backward (`jax.custom_vjp`): ``dx = dy @ W'^T`` (W' recomputed, so no kernel-sized residual),
   ``g = gamma * dy @ B^T``, ``dA = x^T @ g`` and ``dB = gamma * (x @ A)^T @ dy``. The kernel
   gradient ``x^T @ dy`` is returned too, so differentiating w.r.t. the base is correct, and XLA
@@ -26,12 +27,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 _F32 = jnp.float32
 
 
-def _merged(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> jax.Array:
-    ab = jnp.matmul(a.astype(_F32), b.astype(_F32), precision=_HIGHEST)
+def _merged(w, a, b, scale: float, dtype: Any, precision: Any) -> jax.Array:
+    """``cast(W + scale * A @ B)``: the factors in the compute dtype, as the factored path
+    multiplies them (bf16 tensor-core matmul at bf16 compute, not a float32 one, which at rank
+    256 would cost more than the adapters' other matmuls together), accumulated and added to
+    ``W`` in float32, cast once."""
+    ab = _mm(a.astype(dtype), b.astype(dtype), precision, out=_F32)
     return (w.astype(_F32) + ab * _F32(scale)).astype(dtype)
 
 
@@ -72,7 +76,7 @@ def _group(x, kernels, a_s, b_s, scales, dtype, precision):
 def _group_fwd(x, kernels, a_s, b_s, scales, dtype, precision):
     xc = x.astype(dtype)
     ys = tuple(
-        _mm(xc, _merged(w, a, b, s, dtype), precision)
+        _mm(xc, _merged(w, a, b, s, dtype, precision), precision)
         for w, a, b, s in zip(kernels, a_s, b_s, scales)
     )
     a_cat = jnp.concatenate([a.astype(dtype) for a in a_s], axis=-1)
@@ -86,7 +90,7 @@ def _group_bwd(scales, dtype, precision, res, dys):
     dys = tuple(dy.astype(dtype) for dy in dys)
     dx = None
     for w, a, b, s, dy in zip(kernels, a_s, b_s, scales, dys):
-        part = _mm(dy, _merged(w, a, b, s, dtype).T, precision)
+        part = _mm(dy, _merged(w, a, b, s, dtype, precision).T, precision)
         dx = part if dx is None else dx + part
     g = jnp.concatenate(
         [
