@@ -402,7 +402,15 @@ def _peft_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         import bench_peft_torch as bpt
     except ImportError as err:
         return [{"method": "peft", "status": "error", "error": str(err)}]
-    peft_args = bpt.make_args(size=args.size, ranks=list(args.ranks), full_finetune=False)
+    # The same batch, sequence length and dtype as ours (they may be overridden on the command line).
+    peft_args = bpt.make_args(
+        size=args.size,
+        ranks=list(args.ranks),
+        batch=args.batch,
+        seq=args.seq,
+        dtype={"float32": "f32", "bfloat16": "bf16"}.get(args.dtype, args.dtype),
+        full_finetune=False,
+    )
     return bpt.run(peft_args, log=None)["results"]
 
 
