@@ -276,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--remat", action="store_true", help="recompute layer activations (memory)")
     g.add_argument(
+        "--forward",
+        choices=("auto", "fused", "factored"),
+        default="auto",
+        help="how adapted layers are computed (rslora_jax.lora's mode): fused = one matmul with "
+        "W + gamma*A@B per step and low-rank gradients; factored = x@W + gamma*(x@A)@B; auto "
+        "(default) picks per layer by a cost rule (fused at training batch sizes)",
+    )
+    g.add_argument(
         "--mesh",
         default=None,
         help="device mesh, e.g. 'data=2,model=4' (axes: data, fsdp, model; the sizes must "
@@ -1089,7 +1097,11 @@ class Program:
 
 @functools.lru_cache(maxsize=8)
 def program(
-    model_config: LlamaConfig, lora_config: rl.LoraConfig, optim: OptimSettings, mesh: Mesh
+    model_config: LlamaConfig,
+    lora_config: rl.LoraConfig,
+    optim: OptimSettings,
+    mesh: Mesh,
+    forward: str = "auto",
 ) -> Program:
     """Builds (and caches) the jitted training and evaluation functions of a run.
 
@@ -1104,6 +1116,8 @@ def program(
       lora_config: the adapters.
       optim: the optimizer's hyperparameters.
       mesh: the device mesh.
+      forward: the `rslora_jax.lora` mode of the training forward (``"auto"``, ``"fused"``,
+        ``"factored"``); the evaluation uses the same.
 
     Returns:
       The jitted functions and their shardings.
@@ -1119,7 +1133,7 @@ def program(
     base_sh, adapter_sh = _named(mesh, base_specs), _named(mesh, adapter_specs)
     state_sh = _named(mesh, rl.opt_state_specs(opt, abstract_adapters, adapter_specs))
     batch_sh = _batch_sharding(mesh)
-    apply = rl.lora(LlamaForCausalLM(model_config).apply, lora_config)
+    apply = rl.lora(LlamaForCausalLM(model_config).apply, lora_config, mode=forward)
     use_dropout = lora_config.dropout > 0
 
     def loss_fn(adapters: PyTree, base: PyTree, batch: jax.Array, key: jax.Array) -> jax.Array:
@@ -1255,7 +1269,13 @@ def train(plan: Plan) -> dict[str, Any]:
     if not args.resume and lead:
         run = {"args": {**_args_to_json(args), "out": str(out)}, "data_sha256": plan.data_sha256}
         (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
-    prog = program(plan.model_config, plan.lora_config, OptimSettings.from_args(args), plan.mesh)
+    prog = program(
+        plan.model_config,
+        plan.lora_config,
+        OptimSettings.from_args(args),
+        plan.mesh,
+        args.forward,
+    )
     local = _LocalRows.of(prog.batch, args.batch_size)
     _, base = load_pretrained(
         plan.model_dir,

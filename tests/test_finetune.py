@@ -284,9 +284,13 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(base, tmp_path, capsys):
 
 
 def test_mesh_run_matches_the_single_device_run(base, run, tmp_path):
+    """A sharded run with the factored forward repeats the one-device run (--forward auto,
+    which fuses every layer at this batch: rslora_jax.fused)."""
     out = tmp_path / "mesh"
     assert len(jax.devices()) == 8  # tests/conftest.py
-    assert ft.main(_args(base, out, "--mesh", "data=2,fsdp=2,model=2")) == 0
+    mesh_args = ("--mesh", "data=2,fsdp=2,model=2", "--forward", "factored")
+    assert ft.main(_args(base, out, *mesh_args)) == 0
+    assert json.loads((out / "run.json").read_text())["args"]["forward"] == "factored"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["devices"]["mesh"] == {"data": 2, "fsdp": 2, "model": 2}
     np.testing.assert_allclose(metrics["train_losses"], run.metrics["train_losses"], rtol=2e-4)
