@@ -12,8 +12,9 @@ Three ways to compute an adapted layer, with the same result (up to rounding):
   cast once) and run one matmul, with the adapter gradients computed in low-rank form by a custom
   VJP (no ``d_in x d_out`` gradient). Fewer activation-sized reads and writes than the factored
   path once a call holds more tokens than the layer has features (training batches); more work
-  for a handful of tokens. ``nn.Dense`` layers (LoRA, RaSA and DoRA adapters) and the
-  projections of the built-in models (`rslora_jax.models`); everything else as in ``"auto"``.
+  for a handful of tokens. ``nn.Dense`` layers, ``nn.DenseGeneral`` layers that contract the
+  input's trailing axes (LoRA, RaSA and DoRA adapters on both) and the projections of the
+  built-in models (`rslora_jax.models`); everything else as in ``"auto"``.
 
 ``mode="auto"`` (the default) picks between the factored and the fused path per layer and per
 call by a cost rule (`rslora_jax.fused.prefers_fused`: fused once the call's tokens reach
@@ -236,11 +237,12 @@ def _interceptor(
             return next_fun(*args, **kwargs)
         handled.add(path)
         if compute and fused is not False and _fusable(module, config):
-            x, call_args = _call_args(module, args, kwargs)
-            kernel = module.get_variable("params", "kernel")
-            tokens = math.prod(x.shape[:-1])
-            if fused or fused_mm.prefers_fused(tokens, kernel.shape[0], kernel.shape[1]):
-                return _fused_dense(module, path, config, x, shared)
+            view = _fused_view(module, _call_args(module, args, kwargs)[0])
+            if view is not None:
+                x2, k2, features = view
+                tokens = math.prod(x2.shape[:-1])
+                if fused or fused_mm.prefers_fused(tokens, k2.shape[0], k2.shape[1]):
+                    return _fused_dense(module, path, config, x2, k2, features, shared)
         y = next_fun(*args, **kwargs)
         if not compute:
             return y
@@ -282,32 +284,52 @@ def _interceptor(
 
 
 def _fusable(module: nn.Module, config: LoraConfig) -> bool:
-    """Whether `mode="fused"` computes this adapted layer with `fused.merged_matmul`: an
-    ``nn.Dense`` (its own ``__call__``, default dot_general, 2-D kernel) with a LoRA, RaSA or
-    DoRA adapter and adapter dropout inactive. Other layers stay factored."""
-    if type(module).__call__ is not nn.Dense.__call__:
+    """Whether `mode="fused"` may compute this adapted layer with `fused.merged_matmul`: an
+    ``nn.Dense`` or ``nn.DenseGeneral`` (their own ``__call__``, default dot_general) with a
+    LoRA, RaSA or DoRA adapter and adapter dropout inactive. `_fused_view` checks the shapes."""
+    if type(module).__call__ not in (nn.Dense.__call__, nn.DenseGeneral.__call__):
         return False
     if getattr(module, "dot_general", None) is not None:
         return False
     if getattr(module, "dot_general_cls", None) is not None:
         return False
-    if config.dropout > 0 and module.has_rng(DROPOUT_RNG):
-        return False
+    return not (config.dropout > 0 and module.has_rng(DROPOUT_RNG))
+
+
+def _fused_view(module: nn.Module, x: Any) -> tuple[Any, Any, tuple[int, ...]] | None:
+    """``(x2, kernel2, features)``: the layer as ``x2 (..., d_in) @ kernel2 (d_in, d_out)``
+    reshaped to ``(..., *features)``, or None where that needs a transpose (a DenseGeneral
+    contracting other than x's trailing axes, or with batch dims)."""
     kernel = module.get_variable("params", "kernel")
-    return kernel.ndim == 2 and module.get_variable("params", "lora_a").ndim == 2
+    if isinstance(module, nn.DenseGeneral):
+        if module.batch_dims:
+            return None
+        axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+        axis = tuple(sorted(ax % x.ndim for ax in axis))
+        features = (
+            module.features if isinstance(module.features, (tuple, list)) else (module.features,)
+        )
+        lead = x.ndim - len(axis)
+        if axis != tuple(range(lead, x.ndim)) or kernel.ndim != len(axis) + len(features):
+            return None
+        d_in = math.prod(x.shape[lead:])
+        return x.reshape(*x.shape[:lead], d_in), kernel.reshape(d_in, -1), tuple(features)
+    if kernel.ndim != 2:
+        return None
+    return x, kernel, (kernel.shape[1],)
 
 
-def _fused_dense(module: nn.Dense, path: str, config: LoraConfig, x: Any, shared: Any):
-    """``nn.Dense.__call__`` with the kernel ``W + gamma * A @ B`` (see `rslora_jax.fused`).
+def _fused_dense(module, path, config, x, kernel, features, shared):
+    """The Dense / DenseGeneral call with the kernel ``W + gamma * A @ B`` (`rslora_jax.fused`),
+    on the 2-D view of `_fused_view`.
 
     RaSA layers use their combined pair ``[A_i | A_S], diag(d_i) [B_i ; B_S]`` (scale 1);
     DoRA layers scale the output columns by ``m / ||W + gamma*A@B||`` (norm detached), which
     equals PEFT's ``y + (m/n - 1) * (x @ W) + (m/n) * lora(x)``.
     """
-    kernel = module.get_variable("params", "kernel")
     a = module.get_variable("params", "lora_a")
     b = module.get_variable("params", "lora_b")
-    _check_local(path, a, b, x.shape[-1], kernel.shape[-1], "Dense")
+    _check_local(path, a, b, kernel.shape[0], kernel.shape[1], type(module).__name__)
     scale = config.scale_for(path)
     if module.has_variable("params", rasa.DIAG):
         holder = {"lora_a": a, "lora_b": b, rasa.DIAG: module.get_variable("params", rasa.DIAG)}
@@ -320,11 +342,11 @@ def _fused_dense(module: nn.Dense, path: str, config: LoraConfig, x: Any, shared
     (y,) = fused_mm.merged_matmul(x, [kernel], [(a, b)], [scale], dtype, module.precision)
     if module.has_variable("params", MAGNITUDE):
         n = jax.lax.stop_gradient(column_norm(kernel, a, b, scale))
-        m = module.get_variable("params", MAGNITUDE).astype(jnp.float32)
+        m = module.get_variable("params", MAGNITUDE).astype(jnp.float32).reshape(-1)
         y = y * (m / n).astype(dtype)
     if bias is not None:
-        y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
-    return y
+        y = y + bias.astype(dtype).reshape(-1)
+    return y.reshape(*y.shape[:-1], *features)
 
 
 # ---------------------------------------------------------------------------- planning

@@ -40,7 +40,8 @@ def case(request):
 
 
 @pytest.mark.parametrize(
-    ("mode", "jit"), [("factored", False), ("factored", True), ("merged", True), ("auto", True)]
+    ("mode", "jit"),
+    [("factored", False), ("factored", True), ("fused", True), ("merged", True), ("auto", True)],
 )
 def test_forward_matches_reference_formula(case, mode, jit):
     name, model, x, config, _, adapted = case
@@ -63,7 +64,7 @@ def test_forward_matches_reference_formula(case, mode, jit):
     assert np.abs(plain - want).max() > 1e-3
 
 
-def test_factored_equals_merged_gradients(case):
+def test_factored_and_fused_equal_merged_gradients(case):
     _, model, x, config, _, adapted = case
     adapters, base = rl.split(adapted)
 
@@ -72,12 +73,14 @@ def test_factored_equals_merged_gradients(case):
         return jnp.sum(jnp.sin(y))
 
     grad = jax.jit(jax.grad(loss), static_argnums=1)
-    g_f = grad(adapters, "factored")
     g_m = grad(adapters, "merged")
-    assert jax.tree.structure(g_f) == jax.tree.structure(adapters)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_f), jax.tree.leaves(g_m)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
-        assert np.abs(np.asarray(a)).max() > 0, jax.tree_util.keystr(path)
+    for mode in ("factored", "fused"):
+        g = grad(adapters, mode)
+        assert jax.tree.structure(g) == jax.tree.structure(adapters)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_m)):
+            where = f"{mode} {jax.tree_util.keystr(path)}"
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=where)
+            assert np.abs(np.asarray(a)).max() > 0, where
 
 
 def test_init_leaves_model_output_unchanged(case):

@@ -3,6 +3,7 @@ against the factored and merged forwards, and its routing under ``mode="auto"``.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +151,32 @@ def _uses_custom_vjp(mode: str, tokens: int) -> bool:
     apply = rl.lora(model.apply, cfg, mode=mode)
     jaxpr = jax.make_jaxpr(lambda ad: apply({"params": rl.combine(ad, base)}, x))(adapters)
     return "custom_vjp" in str(jaxpr)
+
+
+def test_dense_general_trailing_axes_are_fused_others_factored():
+    """GeneralAttn: DenseGeneral (d) -> (2, 3) and (2, 3) -> 5 contract x's trailing axes; a
+    DenseGeneral over a middle axis needs a transpose and stays factored."""
+
+    class Middle(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.DenseGeneral(4, axis=1, name="mid")(x)  # x (b, d, t): contracts d
+
+    for model, shape, axes, fused in (
+        (M.GeneralAttn(), (2, 4, 6), {"qkv": "ioo", "o": "iio"}, True),
+        (Middle(), (2, 6, 3), None, False),
+    ):
+        x = jax.random.normal(jax.random.key(0), shape)
+        cfg = rl.LoraConfig(rank=2, alpha=3.0, kernel_axes=axes)
+        params = M.init_model(model, x)
+        adapted = jax.tree.map(lambda a: a + 0.1, rl.init(params, cfg, jax.random.key(1)))
+        apply = rl.lora(model.apply, cfg, mode="fused")
+        jaxpr = str(jax.make_jaxpr(apply)({"params": adapted}, x))
+        assert ("custom_vjp" in jaxpr) is fused
+        want = rl.lora(model.apply, cfg, mode="merged")({"params": adapted}, x)
+        np.testing.assert_allclose(
+            jax.jit(apply)({"params": adapted}, x), want, rtol=2e-5, atol=2e-5
+        )
 
 
 def test_auto_fuses_large_token_counts_only():

@@ -352,6 +352,8 @@ def test_dora_forward_equals_merge_equals_formula(name):
     want = np.asarray(plain({"params": jax.tree.map(jnp.asarray, ref)}, x))
     assert np.abs(want - np.asarray(plain({"params": params}, x))).max() > 1e-2
     np.testing.assert_allclose(factored({"params": tree}, x), want, rtol=2e-5, atol=2e-5)
+    fused = jax.jit(rl.lora(model.apply, cfg, mode="fused"))  # DenseGeneral and Dense: fused
+    np.testing.assert_allclose(fused({"params": tree}, x), want, rtol=2e-5, atol=2e-5)
     # mode="merged" is the model on merge(...): the merge must give the same kernels.
     merged = rl.merge(tree, cfg)
     assert jax.tree.structure(merged) == jax.tree.structure(params)
