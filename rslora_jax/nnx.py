@@ -72,8 +72,9 @@ def _parse_einsum(einsum_str: str) -> tuple[str, str, str]:
 
 def _linear_general_eq(module: nnx.LinearGeneral, ndim: int) -> tuple[str, str, str]:
     """``LinearGeneral``'s dot_general as an einsum (batch, free input, output axes)."""
-    axis = tuple(ax % ndim for ax in module.axis)
-    batch = tuple(ax % ndim for ax in module.batch_axis)
+    # Sorted, as LinearGeneral itself contracts them: the kernel's input axes follow that order.
+    axis = tuple(sorted(ax % ndim for ax in module.axis))
+    batch = tuple(sorted(ax % ndim for ax in module.batch_axis))
     letters = iter(string.ascii_letters)
     x_l = [next(letters) for _ in range(ndim)]
     out_l = [next(letters) for _ in module.out_features]
@@ -108,33 +109,59 @@ class _LoraLayer:
         dropout = getattr(self, "adapter_dropout", None)
         return dropout is not None and dropout.rate > 0 and not dropout.deterministic
 
+    def _view(self, inputs: jax.Array) -> tuple[tuple[int, ...], int, int, tuple[int, ...]] | None:
+        """``(lead, d_in, d_out, out_shape)`` if the layer is ``x (*lead, d_in) @ W (d_in,
+        d_out)`` reshaped to ``(*lead, *out_shape)`` without a transpose, else None."""
+        return None
+
+    def _fuses(self, inputs: jax.Array, out_sharding: Any = None) -> bool:
+        """Whether this call uses the fused path (`rslora_jax.fused`), per ``lora_mode``."""
+        mode = getattr(self, "lora_mode", "auto")
+        if mode == "factored" or out_sharding is not None or self._dropout_active():
+            return False
+        if getattr(self, "dot_general_cls", None) is not None:
+            return False
+        if getattr(self, "dot_general", None) not in (None, jax.lax.dot_general):
+            return False
+        if getattr(self, "preferred_element_type", None) is not None:
+            return False
+        view = self._view(inputs)
+        if view is None:
+            return False
+        lead, d_in, d_out, _ = view
+        return mode == "fused" or prefers_fused(math.prod(lead), d_in, d_out)
+
+    def _fused(self, inputs: jax.Array) -> jax.Array:
+        """The layer's output with the kernel ``W + gamma * A @ B`` (`fused.merged_matmul`)."""
+        lead, d_in, d_out, out_shape = self._view(inputs)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, _, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        a, b = self._factors()
+        (y,) = merged_matmul(
+            x.reshape(*lead, d_in),
+            [kernel.reshape(d_in, d_out)],
+            [(a, b)],
+            [self.lora_scale],
+            x.dtype,
+            self.precision,
+        )
+        if bias is not None:
+            y = y + bias.reshape(-1)
+        return y.reshape(*lead, *out_shape)
+
 
 class LoraLinear(nnx.Linear, _LoraLayer):
     """`nnx.Linear` with an rsLoRA branch (made by `add_adapters`): factored, or fused
     (`rslora_jax.fused.merged_matmul`: one matmul with ``W + gamma*A@B``, low-rank gradients)
     as the layer's ``lora_mode`` says (``"auto"``: by `rslora_jax.fused.prefers_fused`)."""
 
-    def _fuses(self, inputs: jax.Array, out_sharding: Any) -> bool:
-        mode = getattr(self, "lora_mode", "auto")
-        if mode == "factored" or out_sharding is not None or self._dropout_active():
-            return False
-        if self.dot_general is not jax.lax.dot_general or self.preferred_element_type is not None:
-            return False
-        if mode == "fused":
-            return True
-        tokens = math.prod(inputs.shape[:-1])
-        return prefers_fused(tokens, self.in_features, self.out_features)
+    def _view(self, inputs: jax.Array):
+        return inputs.shape[:-1], self.in_features, self.out_features, (self.out_features,)
 
     def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
         if self._fuses(inputs, out_sharding):
-            kernel = self.kernel[...]
-            bias = self.bias[...] if self.bias is not None else None
-            x, _, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-            a, b = self._factors()
-            (y,) = merged_matmul(x, [kernel], [(a, b)], [self.lora_scale], x.dtype, self.precision)
-            if bias is not None:
-                y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-            return y
+            return self._fused(inputs)
         y = super().__call__(inputs, out_sharding=out_sharding)
         a, b = self._factors()
         delta = lowrank(self._adapter_input(inputs), a, b, self.lora_scale, y.dtype)
@@ -142,9 +169,22 @@ class LoraLinear(nnx.Linear, _LoraLayer):
 
 
 class LoraLinearGeneral(nnx.LinearGeneral, _LoraLayer):
-    """`nnx.LinearGeneral` with a factored rsLoRA branch (made by `add_adapters`)."""
+    """`nnx.LinearGeneral` with an rsLoRA branch (made by `add_adapters`): factored, or fused as
+    `LoraLinear` when it contracts the input's trailing axes and has no batch axes."""
+
+    def _view(self, inputs: jax.Array):
+        if self.batch_axis:
+            return None
+        axis = tuple(sorted(ax % inputs.ndim for ax in self.axis))
+        lead = inputs.ndim - len(axis)
+        if axis != tuple(range(lead, inputs.ndim)):
+            return None
+        out_shape = tuple(self.out_features)
+        return inputs.shape[:lead], math.prod(inputs.shape[lead:]), math.prod(out_shape), out_shape
 
     def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        if self._fuses(inputs, out_sharding):
+            return self._fused(inputs)
         y = super().__call__(inputs, out_sharding=out_sharding)
         a, b = self._factors()
         eq = _linear_general_eq(self, inputs.ndim)
@@ -383,7 +423,8 @@ def add_adapters(
         ``"factored"``, ``"fused"`` (one matmul with ``W + gamma*A@B`` formed per call, adapter
         gradients in low-rank form; `rslora_jax.fused`) or ``"auto"`` (fused once a call's tokens
         reach ``d_in*d_out/(d_in+d_out)``). Kept per layer as ``lora_mode``; active adapter
-        dropout, ``LinearGeneral`` and ``Einsum`` layers are always factored.
+        dropout, ``Einsum`` layers and ``LinearGeneral`` layers that do not contract the
+        input's trailing axes (or have batch axes) are always factored.
 
     Returns:
       `model`.

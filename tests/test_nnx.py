@@ -60,6 +60,12 @@ LAYERS = {
         "bij,ijo->bo",
         "iio",
     ),
+    "linear_general_unsorted_axis": (  # contracted in sorted order, as LinearGeneral does
+        lambda r: nnx.LinearGeneral((2, 3), 5, axis=(-1, -2), use_bias=False, rngs=r),
+        (4, 2, 3),
+        "bij,ijo->bo",
+        "iio",
+    ),
     "linear_general_middle_axis": (
         lambda r: nnx.LinearGeneral(3, 4, axis=1, use_bias=False, rngs=r),
         (2, 3, 5),
@@ -91,6 +97,9 @@ LAYERS = {
         "iio",
     ),
 }
+# Layers whose adapter add_adapters(mode="fused") computes with rslora_jax.fused (one matmul on
+# the kernel W + gamma*A@B): no transpose of the input needed. The others stay factored.
+FUSABLE = {"linear", "linear_general_out", "linear_general_in", "linear_general_unsorted_axis"}
 # Both scalings, alternating over the layers (each case compiles its own shapes).
 CASES = [(name, ("rslora", "lora")[i % 2]) for i, name in enumerate(sorted(LAYERS))]
 
@@ -130,6 +139,11 @@ def test_layer_factored_equals_merged_equals_formula(name, scaling):
     np.testing.assert_allclose(_np(merged_layer.kernel[...]), merged_kernel, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(factored, want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(merged_layer(x), want, rtol=1e-4, atol=1e-5)
+    for mode, fuses in (("factored", False), ("fused", name in FUSABLE)):
+        layer.lora_mode = mode
+        assert layer._fuses(x) is fuses, mode
+        np.testing.assert_allclose(layer(x), want, rtol=1e-4, atol=1e-5, err_msg=mode)
+    layer.lora_mode = "auto"
     # merge left the adapted layer alone.
     np.testing.assert_array_equal(layer(x), factored)
 
