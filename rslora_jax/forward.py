@@ -14,7 +14,9 @@ Three ways to compute an adapted layer, with the same result (up to rounding):
   path once a call holds more tokens than the layer has features (training batches); more work
   for a handful of tokens. ``nn.Dense`` layers, ``nn.DenseGeneral`` layers that contract the
   input's trailing axes (LoRA, RaSA and DoRA adapters on both) and the projections of the
-  built-in models (`rslora_jax.models`); everything else as in ``"auto"``.
+  built-in models (`rslora_jax.models`); everything else as in ``"auto"``. Reverse mode only
+  (a custom VJP): forward-mode autodiff through the model (``jax.jvp``, ``jax.jacfwd``) needs
+  ``mode="factored"``.
 
 ``mode="auto"`` (the default) picks between the factored and the fused path per layer and per
 call by a cost rule (`rslora_jax.fused.prefers_fused`: fused once the call's tokens reach

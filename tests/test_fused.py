@@ -88,6 +88,42 @@ def test_no_kernel_sized_gradient_when_only_adapters_are_trained():
     assert flops(0, "merged") >= adapters_only + kernel_grad - low_rank
 
 
+def test_forward_mode_needs_the_factored_path(group):
+    """The fused path is reverse-mode only (a custom VJP); mode="factored" serves jax.jvp."""
+    x, ws, fs, _ = group
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda x: merged_matmul(x, ws, fs, [S1, S2], jnp.float32), (x,), (x,))
+    model, x, cfg, adapters, base = _mlp_problem(40)
+    params = rl.combine(adapters, base)
+
+    def tangent(mode):
+        apply = rl.lora(model.apply, cfg, mode=mode)
+        return jax.jvp(lambda x: apply({"params": params}, x), (x,), (jnp.cos(x),))[1]
+
+    np.testing.assert_allclose(tangent("factored"), tangent("merged"), rtol=1e-4, atol=1e-5)
+
+
+def test_no_kernel_sized_residual():
+    """W + s A B is recomputed in the backward pass, not kept: what reverse mode keeps (the
+    residuals of jax.linearize) is no more than the factored forward keeps."""
+    t, d_in, d_out, r = 64, 32, 48, 2
+    k = jax.random.split(jax.random.key(2), 4)
+    x = jax.random.normal(k[0], (t, d_in))
+    w = jax.random.normal(k[1], (d_in, d_out))
+    a, b = jax.random.normal(k[2], (d_in, r)), jax.random.normal(k[3], (r, d_out))
+
+    def kept_bytes(f):
+        """Bytes of the residuals reverse mode keeps, beyond the arrays that exist anyway."""
+        _, f_lin = jax.linearize(f, x, a, b)
+        leaves = [v for v in jax.tree.leaves(f_lin) if hasattr(v, "nbytes")]
+        return sum(v.nbytes for v in leaves if not any(v is u for u in (x, w, a, b)))
+
+    fused = kept_bytes(lambda x, a, b: merged_matmul(x, [w], [(a, b)], [S1], jnp.float32)[0])
+    factored = kept_bytes(lambda x, a, b: x @ w + S1 * (x @ a) @ b)
+    merged = kept_bytes(lambda x, a, b: x @ (w + S1 * a @ b))  # keeps W + s A B
+    assert fused <= factored < d_in * d_out * 4 <= merged
+
+
 def test_bf16_compute(group):
     x, ws, fs, _dys = group
     ys = merged_matmul(x, ws, fs, [S1, S2], jnp.bfloat16)
@@ -146,7 +182,7 @@ def test_dense_layers_fused_equal_factored_and_merged(tokens):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=mode)
 
 
-def _uses_custom_vjp(mode: str, tokens: int) -> bool:
+def _uses_fused_rule(mode: str, tokens: int) -> bool:
     model, x, cfg, adapters, base = _mlp_problem(tokens)
     apply = rl.lora(model.apply, cfg, mode=mode)
     jaxpr = jax.make_jaxpr(lambda ad: apply({"params": rl.combine(ad, base)}, x))(adapters)
@@ -183,8 +219,8 @@ def test_auto_fuses_large_token_counts_only():
     # MLP: 7 -> 16 -> 12 -> 8; the rule fuses layer (d_in, d_out) from d_in*d_out/(d_in+d_out)
     # tokens on: at most 6.9, so 40 tokens fuse every layer and 2 tokens none.
     assert prefers_fused(40, 16, 12) and not prefers_fused(2, 7, 16)
-    assert _uses_custom_vjp("auto", 40) and not _uses_custom_vjp("auto", 2)
-    assert _uses_custom_vjp("fused", 2) and not _uses_custom_vjp("factored", 40)
+    assert _uses_fused_rule("auto", 40) and not _uses_fused_rule("auto", 2)
+    assert _uses_fused_rule("fused", 2) and not _uses_fused_rule("factored", 40)
 
 
 def test_dropout_stays_factored_under_fused():
