@@ -107,12 +107,19 @@ def _dense_delta(module, path, x, kernel, a, b, scale, dtype, call_args):
     return lowrank(x, a, b, scale, dtype)
 
 
+def _tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _dg_axes(module: nn.DenseGeneral, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A DenseGeneral's contracted input axes (normalised and sorted, as flax contracts them)
+    and its output features, for an input of rank `ndim`."""
+    return tuple(sorted(ax % ndim for ax in _tuple(module.axis))), _tuple(module.features)
+
+
 def _dense_general_delta(module, path, x, kernel, a, b, scale, dtype, call_args):
     del call_args
-    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    axis = tuple(sorted(ax % x.ndim for ax in axis))
-    features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
-    features = tuple(features)
+    axis, features = _dg_axes(module, x.ndim)
     d_in = math.prod(x.shape[ax] for ax in axis)
     d_out = math.prod(features)
     if a.ndim != 2:
@@ -195,10 +202,7 @@ def _local_matrix(module: nn.Module, kernel: jax.Array) -> tuple[jax.Array, tupl
     """The (local) kernel of a Dense-like or DenseGeneral module as (d_in, d_out), and the
     shape of the module's output features."""
     if isinstance(module, nn.DenseGeneral):
-        features = (
-            module.features if isinstance(module.features, (tuple, list)) else (module.features,)
-        )
-        out_shape = tuple(features)
+        out_shape = _tuple(module.features)
         d_out = math.prod(out_shape)
         return kernel.reshape(-1, d_out), out_shape
     if type(module).__name__ == "FlaxConv1D":  # stored (out, in)
@@ -306,16 +310,12 @@ def _fused_view(module: nn.Module, x: Any) -> tuple[Any, Any, tuple[int, ...]] |
     if isinstance(module, nn.DenseGeneral):
         if module.batch_dims:
             return None
-        axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-        axis = tuple(sorted(ax % x.ndim for ax in axis))
-        features = (
-            module.features if isinstance(module.features, (tuple, list)) else (module.features,)
-        )
+        axis, features = _dg_axes(module, x.ndim)
         lead = x.ndim - len(axis)
         if axis != tuple(range(lead, x.ndim)) or kernel.ndim != len(axis) + len(features):
             return None
         d_in = math.prod(x.shape[lead:])
-        return x.reshape(*x.shape[:lead], d_in), kernel.reshape(d_in, -1), tuple(features)
+        return x.reshape(*x.shape[:lead], d_in), kernel.reshape(d_in, -1), features
     if kernel.ndim != 2:
         return None
     return x, kernel, (kernel.shape[1],)
@@ -538,7 +538,7 @@ def infer_kernel_axes(apply_fn: Callable[..., Any], variables: Any, *args: Any, 
             x, call_args = _call_args(module, a, kw)
             local = None
             if isinstance(module, nn.DenseGeneral) and x is not None:
-                axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+                axis = _tuple(module.axis)
                 n_b = len(module.batch_dims)
                 local = "l" * n_b + "i" * len(axis) + "o" * (kernel.ndim - n_b - len(axis))
             elif isinstance(module, nn.Einsum) and x is not None:

@@ -246,17 +246,7 @@ def test_unknown_layers_are_merged_under_fused():
 
 
 # --------------------------------------------------------------------------- built-in Llama
-LLAMA = LlamaConfig(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=32,
-    attention_bias=True,  # q/k/v/o biases, added after the fused matmul
-    mlp_bias=True,
-)
+LLAMA = LlamaConfig.tiny(attention_bias=True, mlp_bias=True)  # biases added after the matmul
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
