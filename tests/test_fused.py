@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import rslora_jax as rl
-from rslora_jax.fused import merged_matmul, prefers_fused
+from rslora_jax.execution.fused import merged_matmul, prefers_fused
 from rslora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss, init_params
 from tests import _models as M
 

@@ -397,7 +397,7 @@ def test_rasa_reconstructs_better_than_lora_at_the_same_rank():
 # ---------------------------------------------------------------------------- machinery
 @pytest.mark.loose_dtypes  # optax Adam
 def test_optimizer_trains_every_rasa_leaf_and_freezes_the_base(case):
-    from rslora_jax.optim import labels
+    from rslora_jax.ops.optim import labels
 
     params = case["adapted"]
     for path, label in jax.tree_util.tree_leaves_with_path(labels(params)):
@@ -561,6 +561,6 @@ def test_missing_pool_and_config_mismatch_are_errors(case):
     with pytest.raises(ValueError, match=r"need their shared pool at params\['lora_shared'\]"):
         rl.lora(model.apply, cfg, mode="factored")({"params": no_pool}, x)
     with pytest.raises(
-        ValueError, match=r"is a RaSA adapter \('lora_d'\), but the config says rasa=False"
+        ValueError, match=r"has a RaSA leaf \('lora_d'\), but the config's method is LoRA"
     ):
         rl.merge(adapted, rl.LoraConfig(rank=4, kernel_axes=cfg.kernel_axes))

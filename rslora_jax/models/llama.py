@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rslora_jax import fused, native
 from rslora_jax._types import Array, Params, PRNGKey
+from rslora_jax.core import claim
+from rslora_jax.execution.dispatch import Contraction
+from rslora_jax.frontends.site import group_output, linen_dropout
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ATTENTION_IMPLS = (None, "xla", "cudnn")
@@ -564,47 +566,36 @@ def _projections(module: nn.Module, x: Array, specs: tuple[tuple[str, int, bool]
     """Outputs of the child Dense projections `specs` (``(name, features, use_bias)``), which
     all read `x`, with their adapters.
 
-    Inside `rslora_jax.lora`, plain LoRA adapters of these projections are claimed and computed
-    here rather than by the interceptor: factored with a single ``x @ [A_1 | A_2 | ...]`` matmul
-    (x is read once for all of them), or under ``mode="fused"`` with one merged matmul per
-    projection and low-rank gradients (`rslora_jax.fused`; ``mode="auto"`` picks per call by
-    `rslora_jax.fused.prefers_fused`). Outside it, plain Dense layers.
+    Inside `rslora_jax.lora`, the adapted projections are claimed (`rslora_jax.core.claim`) and
+    computed here together, for every adapter method: factored with a single
+    ``x @ [A_1 | A_2 | ...]`` matmul (x is read once for all of them), or fused with one merged
+    matmul per projection and low-rank gradients, as the dispatch decides
+    (`rslora_jax.execution.dispatch`). Outside it, plain Dense layers.
     """
     c = module.config
-    ctx = native.active()
+    ctx = claim.active()
     params = module.variables.get("params", {})
-    claimed: list[tuple[str, str]] = []
+    dense = {name: _dense(c, features, use_bias, name) for name, features, use_bias in specs}
+    claimed = []
     if ctx is not None:
+        prefix = "abcdefgh"[: x.ndim - 1]
         for name, _, _ in specs:
             path = "/".join((*module.path, name))
-            if ctx.claim(path, params.get(name)):
-                claimed.append((name, path))
-    holders = [params[name] for name, _ in claimed]
-    scales = [ctx.config.scale_for(path) for _, path in claimed] if ctx is not None else []
+            holder = params.get(name)
+            if ctx.claim(path, holder):
+                lin = Contraction(
+                    eq=(prefix + "y", "yz", prefix + "z"),
+                    kernel=holder["kernel"],
+                    bias=holder.get("bias"),
+                    dtype=c.dtype,
+                )
+                claimed.append((name, (path, holder, lin, dense[name])))
     outs: dict[str, Array] = {}
-    deltas: dict[str, Array] = {}
-    d_outs = [h["kernel"].shape[-1] for h in holders]
-    if claimed and ctx.fuses(x, d_outs):
-        ys = fused.merged_matmul(
-            x,
-            [h["kernel"] for h in holders],
-            [(h["lora_a"], h["lora_b"]) for h in holders],
-            scales,
-            c.dtype,
-        )
-        for (name, _), h, y in zip(claimed, holders, ys):
-            outs[name] = y if "bias" not in h else y + h["bias"].astype(y.dtype)
-    elif claimed:
-        found = native.fused_deltas(x, holders, scales, c.dtype)
-        deltas = {name: d for (name, _), d in zip(claimed, found)}
-    result = []
-    for name, features, use_bias in specs:
-        if name in outs:
-            result.append(outs[name])
-            continue
-        y = _dense(c, features, use_bias, name)(x)
-        result.append(y if name not in deltas else y + deltas[name].astype(y.dtype))
-    return result
+    if claimed:
+        rate = ctx.config.dropout
+        ys = group_output(ctx, x, [e for _, e in claimed], lambda: linen_dropout(module, rate))
+        outs = {name: y for (name, _), y in zip(claimed, ys)}
+    return [outs[name] if name in outs else dense[name](x) for name, _, _ in specs]
 
 
 class LlamaAttention(nn.Module):

@@ -2,11 +2,11 @@
 
 A takes the base kernel's input-axes spec, B its output-axes spec, the rank axis is replicated,
 layer axes keep their spec. So ``x @ A`` needs no more communication than ``x @ W`` does, and
-adapters are sharded FSDP-style wherever the base is. Variants: DoRA's magnitude (one entry per
-output feature) takes the output spec; RaSA's per-layer diagonal ``lora_d`` keeps the layer
-axes' spec and is otherwise replicated, and each shared pool takes the spec of its module type's
-kernels (the first member's, in tree order) without the layer axes: A_S the input spec, B_S the
-output spec.
+adapters are sharded FSDP-style wherever the base is. Every adapter leaf follows the layout its
+method declares (`rslora_jax.core.Leaf`): ``"a"`` and ``"b"`` as A and B, ``"out"`` (one entry per
+output feature, e.g. DoRA's magnitude) the output spec, ``"rank"`` (e.g. RaSA's diagonal) the
+layer axes' spec and otherwise replicated. A method's top-level shared entry (RaSA's pools) gets
+the specs its method derives from its members' (`Method.shared_specs`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rslora_jax._types import PyTree
-from rslora_jax.adapters import KERNEL, is_adapter_key, join_path, layout_for
-from rslora_jax.config import LoraConfig
-from rslora_jax.rasa import DIAG, SHARED
-from rslora_jax.variants import MAGNITUDE
+from rslora_jax.core.config import LoraConfig
+from rslora_jax.core.protocol import leaf_role
+from rslora_jax.core.sites import layout_for
+from rslora_jax.core.tree import KERNEL, MARKER, global_entries, is_adapter_key, join_path
 
-_DEFAULT = LoraConfig()
+
+def _default_config() -> LoraConfig:
+    return LoraConfig()
 
 
 def _entries(spec: PartitionSpec, ndim: int) -> list[Any]:
@@ -61,6 +63,22 @@ def factor_specs(kernel_spec: PartitionSpec, axes: str) -> tuple[PartitionSpec, 
     return PartitionSpec(*layer, in_spec, None), PartitionSpec(*layer, None, out_spec)
 
 
+def leaf_spec(layout: str, kernel_spec: PartitionSpec, axes: str) -> PartitionSpec:
+    """The spec of an adapter leaf of `layout` (``"a"``, ``"b"``, ``"out"``, ``"rank"``).
+
+    Example:
+      >>> leaf_spec("out", PartitionSpec("fsdp", "tp"), "io")
+      P('tp',)
+    """
+    layer, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
+    return {
+        "a": PartitionSpec(*layer, in_spec, None),
+        "b": PartitionSpec(*layer, None, out_spec),
+        "out": PartitionSpec(*layer, out_spec),
+        "rank": PartitionSpec(*layer, None),
+    }[layout]
+
+
 def partition_specs(params: PyTree, base_specs: PyTree, config: LoraConfig | None = None) -> PyTree:
     """Specs for a tree with adapters, given the specs of its base.
 
@@ -68,16 +86,16 @@ def partition_specs(params: PyTree, base_specs: PyTree, config: LoraConfig | Non
       params: the tree with adapters (arrays or `jax.ShapeDtypeStruct`).
       base_specs: a tree with the base's structure (the original params) whose leaves are
         `PartitionSpec` or `NamedSharding`. Extra adapter entries in it are ignored.
-      config: the adapter config (for ``kernel_axes`` / ``fan_in_fan_out``); defaults to
-        ``LoraConfig()``, right for 2-D (in, out) kernels.
+      config: the adapter config (for ``kernel_axes`` / ``fan_in_fan_out`` and the method's
+        shared entry); defaults to ``LoraConfig()``, right for 2-D (in, out) kernels.
 
     Returns:
-      A tree with the structure of `params`: base leaves keep their spec, ``lora_a`` /
-      ``lora_b`` get `factor_specs` of their kernel's spec (as `NamedSharding` on the same mesh
-      when the base leaves are shardings); DoRA's and RaSA's leaves as in the module docstring.
+      A tree with the structure of `params`: base leaves keep their spec, adapter leaves get the
+      spec of their layout (as `NamedSharding` on the same mesh when the base leaves are
+      shardings), the shared entry as its method says.
 
     Raises:
-      ValueError: if `base_specs` misses a path of `params`.
+      ValueError: if `base_specs` misses a path of `params`, or an adapter leaf has no rule.
 
     Example:
       >>> import jax.numpy as jnp
@@ -86,37 +104,34 @@ def partition_specs(params: PyTree, base_specs: PyTree, config: LoraConfig | Non
       >>> partition_specs(p, {"d": {"kernel": PartitionSpec("x", "y")}})["d"]["lora_b"]
       P(None, 'y')
     """
-    config = config or _DEFAULT
-    pools: dict[str, tuple[Any, Any, Any]] = {}
-    out = _specs(params, base_specs, config, (), pools)
-    if isinstance(params, Mapping) and SHARED in params:
-        out[SHARED] = _pool_specs(params[SHARED], pools, ())
-    return out
-
-
-def _pool_specs(tree: Any, pools: dict[str, tuple[Any, Any, Any]], prefix: tuple) -> Any:
-    """Specs of the RaSA pools: A_S (d_in, L*k) and B_S (L*k, d_out)."""
-    out: dict[Any, Any] = {}
-    module = join_path(prefix)
-    for key, val in tree.items():
-        if key in ("lora_a", "lora_b") and not isinstance(val, Mapping):
-            if module not in pools:
-                raise ValueError(
-                    f"no RaSA layer uses the pool {SHARED}/{module}: cannot derive its sharding"
-                )
-            in_spec, out_spec, mesh = pools[module]
-            spec = (
-                PartitionSpec(in_spec, None) if key == "lora_a" else PartitionSpec(None, out_spec)
+    config = config or _default_config()
+    members: dict[str, tuple[Any, Any]] = {}
+    meshes: list[Any] = []
+    out = _specs(params, base_specs, config, (), members, meshes)
+    for key, val in global_entries(params).items():
+        method = config.method
+        if method.shared_key != key:
+            raise ValueError(
+                f"no sharding rule for the top-level adapter entry {key!r} (the config's "
+                f"method {method.name!r} does not own it); give its specs explicitly"
             )
-            out[key] = NamedSharding(mesh, spec) if mesh is not None else spec
-        elif isinstance(val, Mapping):
-            out[key] = _pool_specs(val, pools, (*prefix, key))
-        else:
-            raise ValueError(f"no sharding rule for {SHARED}/{join_path((*prefix, key))}")
+        specs = method.shared_specs(val, members, config)
+        mesh = meshes[0] if meshes else None
+        out[key] = (
+            jax.tree.map(
+                lambda s, mesh=mesh: NamedSharding(mesh, s),
+                specs,
+                is_leaf=lambda x: isinstance(x, PartitionSpec),
+            )
+            if mesh is not None
+            else specs
+        )
     return out
 
 
-def _specs(tree: Any, specs: Any, config: LoraConfig, prefix: tuple, pools: dict) -> Any:
+def _specs(
+    tree: Any, specs: Any, config: LoraConfig, prefix: tuple, members: dict, meshes: list
+) -> Any:
     if not isinstance(tree, Mapping):
         return specs
     if not isinstance(specs, Mapping):
@@ -129,35 +144,37 @@ def _specs(tree: Any, specs: Any, config: LoraConfig, prefix: tuple, pools: dict
             continue
         if key not in specs:
             raise ValueError(f"base_specs has no entry for {join_path((*prefix, key))!r}")
-        out[key] = _specs(val, specs[key], config, (*prefix, key), pools)
-    if KERNEL in tree and "lora_a" in tree:
+        out[key] = _specs(val, specs[key], config, (*prefix, key), members, meshes)
+    if KERNEL in tree and MARKER in tree:
         path = join_path(prefix)
         kernel_spec = specs[KERNEL]
         mesh = None
         if isinstance(kernel_spec, NamedSharding):
             mesh, kernel_spec = kernel_spec.mesh, kernel_spec.spec
+            meshes.append(mesh)
         if kernel_spec is None:
             kernel_spec = PartitionSpec()
         axes = layout_for(config, path, tree[KERNEL]).axes
-        a_spec, b_spec = factor_specs(kernel_spec, axes)
-        layer, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
-        extra = {}
-        if DIAG in tree:
-            extra[DIAG] = PartitionSpec(*layer, None)
-            pools.setdefault(config.rasa_module(path)[0], (in_spec, out_spec, mesh))
-        if MAGNITUDE in tree:
-            extra[MAGNITUDE] = PartitionSpec(*layer, out_spec)
-        if mesh is not None:
-            a_spec, b_spec = NamedSharding(mesh, a_spec), NamedSharding(mesh, b_spec)
-            extra = {k: NamedSharding(mesh, v) for k, v in extra.items()}
-        out["lora_a"], out["lora_b"] = a_spec, b_spec
-        out.update(extra)
-    for key in tree:
-        if is_adapter_key(key) and key not in out and not (key == SHARED and not prefix):
-            raise ValueError(
-                f"no sharding rule for adapter leaf {join_path((*prefix, key))!r}; "
-                "give its spec explicitly"
-            )
+        _, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
+        members[path] = (in_spec, out_spec)
+        for key in tree:
+            if not is_adapter_key(key):
+                continue
+            role = leaf_role(key)
+            if role is None:
+                raise ValueError(
+                    f"no sharding rule for adapter leaf {join_path((*prefix, key))!r}; "
+                    "give its spec explicitly"
+                )
+            spec = leaf_spec(role.layout, kernel_spec, axes)
+            out[key] = NamedSharding(mesh, spec) if mesh is not None else spec
+    elif prefix:
+        for key in tree:
+            if is_adapter_key(key):
+                raise ValueError(
+                    f"no sharding rule for adapter leaf {join_path((*prefix, key))!r}; "
+                    "give its spec explicitly"
+                )
     return out
 
 
@@ -200,4 +217,4 @@ def opt_state_specs(
     return specs
 
 
-__all__ = ["factor_specs", "opt_state_specs", "partition_specs"]
+__all__ = ["factor_specs", "leaf_spec", "opt_state_specs", "partition_specs"]

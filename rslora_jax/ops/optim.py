@@ -4,6 +4,10 @@ Built on `optax.partition`: adapter leaves get `tx`, every other leaf gets
 `optax.set_to_zero()`, so the base receives zero updates and no optimizer state (``optax.masked``
 alone would pass the base's updates through unchanged).
 
+Which adapter leaves are trained and which LoRA+ speeds up is declared by the adapter methods
+(`rslora_jax.core.Leaf`: ``trainable``, ``fast``), looked up by leaf name; an adapter leaf no
+registered method declares is trained.
+
 LoRA+ (Hayou et al. 2024, PEFT's ``create_loraplus_optimizer``): ``lora_plus_ratio`` gives the
 B factors a learning rate ``ratio`` times that of the A factors. Which leaves count as "B"
 follows PEFT's rule (``lora_B`` or any 1-D trainable parameter): ``lora_b`` (RaSA's shared
@@ -19,25 +23,41 @@ import jax
 import optax
 
 from rslora_jax._types import PyTree
-from rslora_jax.adapters import is_adapter_path
+from rslora_jax.core.protocol import leaf_role
+from rslora_jax.core.tree import is_adapter_path
 
 ADAPTER = "adapter"
 FROZEN = "frozen"
 # LoRA+ groups: leaves that get `ratio` times the learning rate, and the other leaves.
 FAST = "fast"
 OTHER = "other"
-FAST_LEAVES = ("lora_b", "lora_magnitude", "lora_d")
+
+
+def _leaf_name(path: tuple) -> Any:
+    return getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+
+
+def _trained(path: tuple) -> bool:
+    if not is_adapter_path(path):
+        return False
+    role = leaf_role(_leaf_name(path))
+    return role is None or role.trainable
 
 
 def labels(tree: PyTree) -> PyTree:
-    """``"adapter"`` for adapter leaves, ``"frozen"`` for the rest (same structure as `tree`)."""
+    """``"adapter"`` for trained adapter leaves, ``"frozen"`` for the rest (same structure).
+
+    Example:
+      >>> labels({"d": {"kernel": 0, "lora_a": 0}})
+      {'d': {'kernel': 'frozen', 'lora_a': 'adapter'}}
+    """
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: ADAPTER if is_adapter_path(path) else FROZEN, tree
+        lambda path, _: ADAPTER if _trained(path) else FROZEN, tree
     )
 
 
 def lora_plus_labels(tree: PyTree) -> PyTree:
-    """``"fast"`` for the leaves LoRA+ speeds up (`FAST_LEAVES`), ``"other"`` for the rest.
+    """``"fast"`` for the leaves LoRA+ speeds up (their `Leaf` says ``fast``), ``"other"`` else.
 
     Example:
       >>> import jax.numpy as jnp
@@ -46,8 +66,8 @@ def lora_plus_labels(tree: PyTree) -> PyTree:
     """
 
     def label(path: tuple, _: Any) -> str:
-        last = getattr(path[-1], "key", None) if path else None
-        return FAST if is_adapter_path(path) and last in FAST_LEAVES else OTHER
+        role = leaf_role(_leaf_name(path)) if is_adapter_path(path) else None
+        return FAST if role is not None and role.fast else OTHER
 
     return jax.tree_util.tree_map_with_path(label, tree)
 
@@ -126,4 +146,4 @@ def optimizer(
     return optax.chain(frozen_base, speed_up)
 
 
-__all__ = ["FAST_LEAVES", "labels", "lora_plus_labels", "optimizer"]
+__all__ = ["labels", "lora_plus_labels", "optimizer"]

@@ -1,0 +1,301 @@
+"""The one place that decides how an adapted layer is computed, and computes it.
+
+Every frontend (the linen interceptor, the NNX layers, the built-in models' grouped projections)
+describes an adapted layer as a `Contraction` (``y = einsum(eq, x, W) + bias``), gets the factor
+pair ``(A, B, scale)`` and an optional column rescale from the adapter method, and calls
+`adapted` (one layer) or `adapted_group` (layers that read the same input). Here it is decided,
+per layer and per call:
+
+- **fused** (`rslora_jax.execution.fused.merged_matmul`): one matmul with
+  ``W + scale * A @ B`` formed per call, adapter gradients in low-rank form. Possible when the
+  contraction is a plain matmul after reshapes (the input's trailing axes contracted with the
+  kernel's leading ones, no layer axes), the layer computes exactly that product (no custom
+  ``dot_general``), and adapter dropout is inactive;
+- **factored**: ``y + scale * (x @ A) @ B`` with the layer's own ``y``, never forming the
+  ``d_in x d_out`` update; always possible.
+
+``mode="fused"`` fuses wherever possible, ``"factored"`` never fuses, ``"auto"`` fuses when the
+call holds enough tokens (`prefers_fused`). Layers no frontend can describe are merged by the
+linen frontend (``rslora_jax.lora``'s merged fallback). A column rescale ``c`` (DoRA's
+``m / ||W + scale*A@B||``) multiplies the output columns of ``x @ (W + scale*A@B)`` (fused) or
+is applied as PEFT does it, ``y + (c - 1) * (x_d @ W) + c * scale * (x_d @ A) @ B`` with ``x_d``
+the dropped-out input (factored).
+
+Pure math on arrays: no imports of ours outside `rslora_jax.execution`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rslora_jax.execution.fused import merged_matmul, prefers_fused
+from rslora_jax.execution.lowrank import (
+    column_scaled,
+    einsum_lowrank,
+    einsum_roles,
+    grouped_lowrank,
+    lowrank,
+)
+
+MODES = ("auto", "factored", "fused")
+
+
+def choose(mode: str, tokens: int, d_in: int, d_out: int, fusable: bool) -> str:
+    """``"fused"`` or ``"factored"`` for one call (see the module docstring).
+
+    Example:
+      >>> choose("auto", 8192, 2048, 2048, True), choose("auto", 4, 2048, 2048, True)
+      ('fused', 'factored')
+      >>> choose("fused", 4, 2048, 2048, False)
+      'factored'
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not fusable or mode == "factored":
+        return "factored"
+    if mode == "fused" or prefers_fused(tokens, d_in, d_out):
+        return "fused"
+    return "factored"
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """A contraction seen as ``x (*lead, d_in) @ W (d_in, d_out)`` -> ``(*lead, *out_shape)``."""
+
+    lead: tuple[int, ...]
+    d_in: int
+    d_out: int
+    out_shape: tuple[int, ...]
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.lead)
+
+
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+    """One linear layer as the execution sees it: ``y = einsum(eq, x, kernel) (+ bias)``.
+
+    Attributes:
+      eq: ``(xs, ks, rs)``: the einsum's input, kernel and output axes (explicit, no '...').
+      kernel: the kernel, as the layer stores it.
+      bias: added to the output, broadcastable against it (already reshaped), or None.
+      dtype: the compute dtype (None: the result type of the input, kernel and bias).
+      precision: the matmul precision.
+      exact: whether the layer computes exactly this (so a merged kernel may replace ``W``);
+        False for layers with a custom ``dot_general``: they are never fused.
+    """
+
+    eq: tuple[str, str, str]
+    kernel: Any
+    bias: Any = None
+    dtype: Any = None
+    precision: Any = None
+    exact: bool = True
+
+    @property
+    def roles(self) -> str:
+        roles = einsum_roles(*self.eq)
+        if roles is None:
+            raise ValueError(f"einsum {self.eq}: a kernel axis is summed away; cannot factor it")
+        return roles
+
+    def compute_dtype(self, x: jax.Array) -> Any:
+        if self.dtype is not None:
+            return jnp.dtype(self.dtype)
+        return jnp.result_type(x, self.kernel, *(() if self.bias is None else (self.bias,)))
+
+    def view(self, x: jax.Array) -> View | None:
+        """The matmul view of this call, or None where it needs a transpose or has layer axes."""
+        xs, ks, rs = self.eq
+        roles = einsum_roles(xs, ks, rs)
+        if roles is None or "l" in roles:
+            return None
+        n_in = roles.count("i")
+        i_, o_ = ks[:n_in], ks[n_in:]
+        if roles != "i" * n_in + "o" * len(o_) or not xs.endswith(i_):
+            return None
+        prefix = xs[: len(xs) - n_in]
+        if rs != prefix + o_:
+            return None
+        sizes = dict(zip(ks, self.kernel.shape))
+        d_out = math.prod(sizes[c] for c in o_)
+        if self.bias is not None and math.prod(self.bias.shape) != d_out:
+            return None
+        return View(
+            lead=tuple(x.shape[: len(prefix)]),
+            d_in=math.prod(sizes[c] for c in i_),
+            d_out=d_out,
+            out_shape=tuple(sizes[c] for c in o_),
+        )
+
+    def plain(self, x: jax.Array, with_bias: bool = True) -> jax.Array:
+        """``einsum(eq, x, W) (+ bias)`` in the compute dtype."""
+        dtype = self.compute_dtype(x)
+        xs, ks, rs = self.eq
+        y = jnp.einsum(
+            f"{xs},{ks}->{rs}", x.astype(dtype), self.kernel.astype(dtype), precision=self.precision
+        )
+        if with_bias and self.bias is not None:
+            y = y + self.bias.astype(dtype)
+        return y
+
+
+Pair = tuple[Any, Any, float]
+
+
+def _fused_outputs(
+    x: jax.Array,
+    lins: Sequence[Contraction],
+    views: Sequence[View],
+    pairs: Sequence[Pair],
+    cols: Sequence[Any],
+) -> list[jax.Array]:
+    dtype = lins[0].compute_dtype(x)
+    v0 = views[0]
+    x2 = x.reshape(*v0.lead, v0.d_in)
+    ys = merged_matmul(
+        x2,
+        [lin.kernel.reshape(v.d_in, v.d_out) for lin, v in zip(lins, views)],
+        [(a, b) for a, b, _ in pairs],
+        [s for _, _, s in pairs],
+        dtype,
+        lins[0].precision,
+    )
+    out = []
+    for y, lin, v, col in zip(ys, lins, views, cols):
+        if col is not None:
+            y = y * col.reshape(-1).astype(dtype)
+        if lin.bias is not None:
+            y = y + lin.bias.reshape(-1).astype(dtype)
+        out.append(y.reshape(*v.lead, *v.out_shape))
+    return out
+
+
+def _factored_delta(x: jax.Array, lin: Contraction, pair: Pair, dtype: Any) -> jax.Array:
+    a, b, s = pair
+    if lin.view(x) is not None and lin.kernel.ndim == 2 and x.ndim >= 1:
+        return lowrank(x, a, b, s, dtype)
+    return einsum_lowrank(lin.eq, x, a, b, s, dtype, tuple(lin.kernel.shape))
+
+
+def _combine(
+    x: jax.Array,
+    xd: jax.Array,
+    y: jax.Array,
+    out: jax.Array,
+    lin: Contraction,
+    col: Any,
+) -> jax.Array:
+    """The factored result: ``y + out``, or PEFT's DoRA form with the column scale `col`."""
+    if col is None:
+        return y + out.astype(y.dtype)
+    if xd is x:
+        base = y if lin.bias is None else y - lin.bias.astype(y.dtype)
+    else:  # dropout is active: PEFT recomputes the base output on the dropped-out input
+        base = lin.plain(xd, with_bias=False).astype(y.dtype)
+    shape = tuple(lin.kernel.shape)
+    c = col.astype(jnp.float32)
+    return (
+        y
+        + column_scaled(base, c - 1.0, lin.eq, shape)
+        + column_scaled(out.astype(y.dtype), c, lin.eq, shape)
+    )
+
+
+def adapted(
+    x: jax.Array,
+    lin: Contraction,
+    pair: Pair,
+    *,
+    base: Callable[[jax.Array], jax.Array] | None = None,
+    col: Any = None,
+    mode: str = "auto",
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """One adapted layer's output (see the module docstring).
+
+    Args:
+      x: the layer's input.
+      lin: the layer as a `Contraction`.
+      pair: ``(A, B, scale)``: the update is ``scale * A @ B`` (``A`` ``(*l, d_in, r)``).
+      base: the layer's own call on an input (with bias); default ``lin.plain``.
+      col: the column rescale ``(*l, d_out)`` or None.
+      mode: ``"auto"``, ``"fused"`` or ``"factored"``.
+      dropout: the adapter input's dropout, when active (forces the factored path).
+
+    Returns:
+      The layer's output with the adapter.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lin = Contraction(("bi", "io", "bo"), jnp.zeros((2, 3)))
+      >>> pair = (jnp.ones((2, 1)), jnp.ones((1, 3)), 0.5)
+      >>> adapted(jnp.ones((4, 2)), lin, pair, mode="fused")[0].tolist()
+      [1.0, 1.0, 1.0]
+    """
+    (y,) = adapted_group(x, [lin], [pair], bases=[base], cols=[col], mode=mode, dropouts=[dropout])
+    return y
+
+
+def adapted_group(
+    x: jax.Array,
+    lins: Sequence[Contraction],
+    pairs: Sequence[Pair],
+    *,
+    bases: Sequence[Callable[[jax.Array], jax.Array] | None] | None = None,
+    cols: Sequence[Any] | None = None,
+    mode: str = "auto",
+    dropouts: Sequence[Callable[[jax.Array], jax.Array] | None] | None = None,
+) -> list[jax.Array]:
+    """Outputs of adapted layers that read the same input `x` (q/k/v, gate/up).
+
+    Fused: one merged matmul per layer, ``x @ [A_1 | A_2 | ...]`` and its gradient read `x` once.
+    Factored without dropout: one ``x @ [A_1 | A_2 | ...]`` for all layers. With active dropout
+    each layer draws its own mask (as PEFT's per-module dropout) and is computed alone.
+
+    Args:
+      x: the shared input.
+      lins: the layers.
+      pairs: one ``(A, B, scale)`` per layer.
+      bases: each layer's own call (default ``lin.plain``).
+      cols: each layer's column rescale or None.
+      mode: ``"auto"``, ``"fused"`` or ``"factored"``.
+      dropouts: each layer's active dropout or None.
+
+    Returns:
+      One output per layer.
+    """
+    n = len(lins)
+    bases = list(bases or [None] * n)
+    cols = list(cols or [None] * n)
+    dropouts = list(dropouts or [None] * n)
+    views = [lin.view(x) if lin.exact else None for lin in lins]
+    can_fuse = all(v is not None for v in views) and all(d is None for d in dropouts)
+    if can_fuse:
+        d_out = sum(v.d_out for v in views)
+        if choose(mode, views[0].tokens, views[0].d_in, d_out, True) == "fused":
+            return _fused_outputs(x, lins, views, pairs, cols)
+    dtype = lins[0].compute_dtype(x)
+    outs: list[Any]
+    plain_2d = all(v is not None for v in views) and all(lin.kernel.ndim == 2 for lin in lins)
+    if n > 1 and plain_2d and all(d is None for d in dropouts):
+        outs = grouped_lowrank(x, [(a, b) for a, b, _ in pairs], [s for *_, s in pairs], dtype)
+        xds = [x] * n
+    else:
+        xds = [x if d is None else d(x) for d in dropouts]
+        outs = [_factored_delta(xd, lin, p, dtype) for xd, lin, p in zip(xds, lins, pairs)]
+    result = []
+    for lin, base, col, xd, out in zip(lins, bases, cols, xds, outs):
+        y = base(x) if base is not None else lin.plain(x)
+        result.append(_combine(x, xd, y, out, lin, col))
+    return result
+
+
+__all__ = ["MODES", "Contraction", "View", "adapted", "adapted_group", "choose"]

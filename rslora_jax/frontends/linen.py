@@ -1,0 +1,425 @@
+"""`lora(apply_fn, config)`: run an unmodified linen model with its adapters.
+
+Three ways to compute an adapted layer, with the same result (up to rounding), for every method
+(LoRA/rsLoRA, RaSA, DoRA, PiSSA/OLoRA-initialised):
+
+- **factored**: ``y = x @ W + gamma * (x @ A) @ B``, never forming ``W + gamma * A @ B``. Done by
+  intercepting linen ``Dense``, ``DenseGeneral``, ``Einsum`` and Dense-like module calls
+  (`flax.linen.intercept_methods`), which also works inside ``nn.scan`` and ``nn.remat``: the
+  adapter leaves sit in the same dict as the kernel and are sliced with it.
+- **fused** (`rslora_jax.execution.fused`): per layer and per call, form ``W + gamma * A @ B``
+  (float32, cast once) and run one matmul, with the adapter gradients computed in low-rank form by
+  a custom VJP (no ``d_in x d_out`` gradient). Possible for ``Dense``, ``DenseGeneral`` and
+  ``Einsum`` layers whose contraction is a matmul after reshapes (the input's trailing axes
+  against the kernel's leading ones, no batch axes) and for the built-in models' projections.
+  Reverse mode only (a custom VJP): forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) needs
+  ``mode="factored"``.
+- **merged**: fold the adapters into the kernels (float32, cast once) and call the model; works
+  for any model, including layers the interceptor does not know.
+
+``mode="auto"`` (the default) picks fused or factored per layer and per call
+(`rslora_jax.execution.dispatch`: fused once the call's tokens reach ``d_in * d_out / (d_in +
+d_out)``, as in training; factored for a few tokens, as in decoding) and merges the layers
+neither can compute. Which layers the interceptor handles is found once per input structure by
+an abstract trace (`jax.eval_shape`), so it costs no FLOPs. Active adapter dropout
+(``rngs={"lora_dropout": key}``) makes the layers factored; ``mode="merged"`` refuses it.
+
+Methods come in through the protocol (`rslora_jax.frontends.site`): the method's factor pair
+(RaSA: ``[A_i | A_S], diag(d_i) [B_i ; B_S]`` with scale 1; the top-level ``lora_shared`` pools
+are taken out of the params before the model runs and handed to the interceptor, so they reach
+layers inside ``nn.scan``) and column rescale (DoRA: ``m / ||W + gamma*A@B||``, detached norm).
+"""
+
+from __future__ import annotations
+
+import functools
+import string
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from rslora_jax.core import claim
+from rslora_jax.core.config import LoraConfig
+from rslora_jax.core.tree import (
+    adapter_leaves,
+    adapter_paths,
+    global_entries,
+    iter_holders,
+    join_path,
+)
+from rslora_jax.execution.dispatch import Contraction, adapted
+from rslora_jax.execution.lowrank import einsum_roles
+from rslora_jax.frontends.site import DROPOUT_RNG, linen_dropout, method_inputs
+from rslora_jax.ops.merge import merge, merged_kernels
+
+Mode = Literal["auto", "factored", "fused", "merged"]
+MODES = ("auto", "factored", "fused", "merged")
+
+# Module classes (or class names, so that optional dependencies need not be imported) whose
+# ``__call__(inputs)`` computes ``inputs[..., d_in] @ kernel_as_(d_in, d_out) (+ bias)``.
+_DENSE_LIKE: set[type | str] = {"FlaxConv1D"}
+_LETTERS = string.ascii_letters
+
+
+def register_dense_like(cls: type | str) -> None:
+    """Declares a linen module class Dense-like, so the factored forward handles it.
+
+    A Dense-like module's ``__call__`` takes the input as its first argument and computes
+    ``y = inputs @ K (+ bias)`` over the last input axis, where K is its ``kernel`` param seen
+    as a (d_in, d_out) matrix (stored either way round: see ``LoraConfig.fan_in_fan_out``).
+    transformers' GPT-2 ``FlaxConv1D`` is registered by default.
+
+    Args:
+      cls: the module class, or its class name.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> class MyDense(nn.Dense):
+      ...     pass
+      >>> register_dense_like(MyDense)
+    """
+    _DENSE_LIKE.add(cls)
+
+
+def _is_dense_like(module: nn.Module) -> bool:
+    if isinstance(module, nn.Dense):
+        return True
+    return any(c in _DENSE_LIKE or c.__name__ in _DENSE_LIKE for c in type(module).__mro__)
+
+
+def _tuple(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _call_args(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict]:
+    if args:
+        x, rest = args[0], args[1:]
+    else:
+        x, rest = kwargs.get("inputs"), ()
+    extra = dict(kwargs)
+    extra.pop("inputs", None)
+    if isinstance(module, nn.Einsum) and rest:
+        extra["einsum_str"] = rest[0]
+    return x, extra
+
+
+def _with_input(args: tuple, kwargs: dict, x: jax.Array) -> tuple[tuple, dict]:
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "inputs": x}
+
+
+def _own_call(module: nn.Module, base: type) -> bool:
+    """Whether the module computes exactly its base class's product (fusable)."""
+    if type(module).__call__ is not base.__call__:
+        return False
+    return getattr(module, "dot_general", None) is None and (
+        getattr(module, "dot_general_cls", None) is None
+    )
+
+
+def _param(module: nn.Module, name: str) -> Any:
+    return module.get_variable("params", name) if module.has_variable("params", name) else None
+
+
+def _dense_general_eq(module: nn.DenseGeneral, ndim: int) -> tuple[str, str, str]:
+    axis = tuple(sorted(ax % ndim for ax in _tuple(module.axis)))
+    batch = tuple(sorted(ax % ndim for ax in _tuple(module.batch_dims)))
+    x_l = list(_LETTERS[:ndim])
+    out_l = list(_LETTERS[ndim : ndim + len(_tuple(module.features))])
+    free = [x_l[i] for i in range(ndim) if i not in axis and i not in batch]
+    bat = [x_l[i] for i in batch]
+    ks = "".join(bat + [x_l[i] for i in axis] + out_l)
+    return "".join(x_l), ks, "".join(bat + free + out_l)
+
+
+def _einsum_eq(module: nn.Module, x: Any, kernel: Any, call_args: Mapping) -> tuple | None:
+    import opt_einsum
+
+    eq = (call_args.get("einsum_str") or module.einsum_str).replace(" ", "")
+    operands, result, _ = opt_einsum.parser.parse_einsum_input((eq, x, kernel))
+    xs, ks = operands.split(",")
+    return xs, ks, result
+
+
+def _describe(
+    module: nn.Module, args: tuple, kwargs: dict, config: LoraConfig
+) -> tuple[Any, Contraction] | None:
+    """``(x, Contraction)`` of a linen layer call, or None for a layer we cannot describe."""
+    x, call_args = _call_args(module, args, kwargs)
+    kernel = _param(module, "kernel")
+    if x is None or kernel is None:
+        return None
+    bias = _param(module, "bias")
+    if isinstance(module, nn.DenseGeneral):
+        eq = _dense_general_eq(module, x.ndim)
+        exact = _own_call(module, nn.DenseGeneral)
+    elif isinstance(module, nn.Einsum):
+        eq = _einsum_eq(module, x, kernel, call_args)
+        if bias is not None:
+            bias = bias.reshape(module._get_bias_shape(f"{eq[0]},{eq[1]}->{eq[2]}", x, kernel)[1])
+        exact = type(module).__call__ is nn.Einsum.__call__
+    elif _is_dense_like(module) and kernel.ndim == 2:
+        prefix = _LETTERS[: x.ndim - 1]
+        path = join_path(module.path)
+        stored_out_in = type(module).__name__ == "FlaxConv1D" or (
+            not isinstance(module, nn.Dense) and config.is_fan_in_fan_out(path)
+        )
+        eq = (prefix + "y", "zy" if stored_out_in else "yz", prefix + "z")
+        exact = isinstance(module, nn.Dense) and _own_call(module, nn.Dense)
+    else:
+        return None
+    dtype = getattr(module, "dtype", None) if exact else None
+    return x, Contraction(
+        eq=eq,
+        kernel=kernel,
+        bias=bias,
+        dtype=dtype,
+        precision=getattr(module, "precision", None),
+        exact=exact,
+    )
+
+
+def _adapted(module: nn.Module) -> bool:
+    return module.has_variable("params", "lora_a") and module.has_variable("params", "kernel")
+
+
+def _interceptor(
+    config: LoraConfig,
+    handled: set[str],
+    skip: frozenset[str],
+    compute: bool,
+    shared: Mapping[str, Any] | None = None,
+    mode: str = "auto",
+):
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not _adapted(module):
+            return next_fun(*args, **kwargs)
+        desc = _describe(module, args, kwargs, config)
+        path = join_path(module.path)
+        if desc is None or path in skip:
+            return next_fun(*args, **kwargs)
+        handled.add(path)
+        ctx = claim.active()
+        if (ctx is not None and path in ctx.claimed) or not compute:
+            return next_fun(*args, **kwargs)
+        x, lin = desc
+        leaves = adapter_leaves(module.variables.get("params", {}))
+        pair, col = method_inputs(config, leaves, path, shared, lin)
+
+        def base(inp: jax.Array) -> jax.Array:
+            a, kw = _with_input(args, kwargs, inp)
+            return next_fun(*a, **kw)
+
+        return adapted(
+            x,
+            lin,
+            pair,
+            base=base,
+            col=col,
+            mode=mode,
+            dropout=linen_dropout(module, config.dropout),
+        )
+
+    return intercept
+
+
+# ---------------------------------------------------------------------------- planning
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) or hasattr(x, "aval")
+
+
+def _signature(tree: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    sig = []
+    for leaf in leaves:
+        if _is_array(leaf):
+            sig.append(("array", tuple(leaf.shape), str(leaf.dtype)))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None
+            sig.append(("static", type(leaf), leaf))
+    return treedef, tuple(sig)
+
+
+def _factorable(apply_fn, config, variables, args, kwargs) -> frozenset[str]:
+    """The adapted module paths that the interceptor (or the model) handles, from an abstract
+    trace."""
+    leaves, treedef = jax.tree.flatten((variables, args, kwargs))
+    dyn_idx = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+
+    def run(*dyn):
+        full = list(leaves)
+        for i, val in zip(dyn_idx, dyn):
+            full[i] = val
+        v, a, kw = jax.tree.unflatten(treedef, full)
+        with (
+            claim.activate(config, frozenset(), "factored") as ctx,
+            nn.intercept_methods(_interceptor(config, handled, frozenset(), compute=False)),
+        ):
+            out = apply_fn(v, *a, **kw)
+            handled.update(ctx.claimed)
+            return out
+
+    handled: set[str] = set()
+    dyn_vals = [
+        jax.ShapeDtypeStruct(leaves[i].shape, leaves[i].dtype) if _is_array(leaves[i]) else None
+        for i in dyn_idx
+    ]
+    jax.eval_shape(run, *dyn_vals)
+    return frozenset(handled)
+
+
+def lora(
+    apply_fn: Callable[..., Any], config: LoraConfig, mode: Mode = "auto"
+) -> Callable[..., Any]:
+    """Wraps a linen ``apply`` so that the forward pass includes the adapters.
+
+    The wrapped function has the same signature as `apply_fn` (``variables, *args,
+    **kwargs``); ``variables["params"]`` is a tree with adapters (from `init`, or
+    `combine`). Adapter dropout (``config.dropout``) is active when the call passes an
+    ``rngs={"lora_dropout": key}`` stream.
+
+    Args:
+      apply_fn: a linen ``Module.apply`` (or any function with that signature that runs
+        linen modules).
+      config: the adapter config.
+      mode: ``"factored"``, ``"fused"``, ``"merged"`` or ``"auto"`` (see the module
+        docstring). ``"factored"`` raises if an adapted kernel belongs to a layer it cannot
+        factor; ``"fused"`` and ``"auto"`` merge such layers.
+
+    Returns:
+      The wrapped apply function.
+
+    Raises:
+      ValueError: for an unknown mode.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from rslora_jax import LoraConfig, init
+      >>> model = nn.Dense(3)
+      >>> x = jnp.ones((2, 4))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> cfg = LoraConfig(rank=2)
+      >>> adapted = init(params, cfg, jax.random.key(1))
+      >>> apply = lora(model.apply, cfg)
+      >>> bool(jnp.allclose(apply({"params": adapted}, x), model.apply({"params": params}, x)))
+      True
+
+    RaSA, DoRA and PiSSA/OLoRA adapters need nothing else: the config says which they are.
+    """
+    if mode not in MODES:
+        raise ValueError(f"lora(mode=...) must be one of {MODES}, got {mode!r}")
+    plans: dict[Any, frozenset[str]] = {}
+
+    @functools.wraps(apply_fn)
+    def wrapped(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise ValueError(
+                "the wrapped apply expects a variables dict with a 'params' collection, "
+                f"got {type(variables).__name__} with keys "
+                f"{sorted(variables) if isinstance(variables, Mapping) else 'n/a'}"
+            )
+        params = variables["params"]
+        if mode == "merged":
+            if config.dropout > 0 and DROPOUT_RNG in (kwargs.get("rngs") or {}):
+                raise ValueError(
+                    "adapter dropout needs the factored forward; use mode='factored' or 'auto'"
+                )
+            return apply_fn({**variables, "params": merge(params, config)}, *args, **kwargs)
+        shared = global_entries(params)
+        if shared:
+            # Top-level entries (RaSA's pools) go to the interceptor; the model never sees them.
+            params = {k: v for k, v in params.items() if k not in shared}
+            variables = {**variables, "params": params}
+        wanted = set(adapter_paths(params))
+        skip: frozenset[str] = frozenset()
+        if mode in ("auto", "fused"):
+            key = _signature((variables, args, kwargs))
+            plan = plans.get(key) if key is not None else None
+            if plan is None:
+                plan = _factorable(apply_fn, config, variables, args, kwargs)
+                if key is not None:
+                    plans[key] = plan
+            unhandled = wanted - plan
+            if unhandled:
+                params = merged_kernels({**params, **shared}, config, unhandled)
+                params = {k: v for k, v in params.items() if k not in shared}
+                variables = {**variables, "params": params}
+                skip = frozenset(unhandled)
+        handled: set[str] = set()
+        with (
+            claim.activate(config, skip, mode, shared) as ctx,
+            nn.intercept_methods(_interceptor(config, handled, skip, True, shared, mode)),
+        ):
+            out = apply_fn(variables, *args, **kwargs)
+        handled.update(ctx.claimed)
+        missing = wanted - handled - skip
+        if mode == "factored" and missing:
+            raise ValueError(
+                "mode='factored' cannot compute the adapters at "
+                f"{sorted(missing)}: their modules are not Dense, DenseGeneral, Einsum or a "
+                "registered Dense-like module (rslora_jax.register_dense_like), or were never "
+                "called. Use mode='auto' (merges those) or mode='merged'"
+            )
+        return out
+
+    return wrapped
+
+
+def infer_kernel_axes(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any):
+    """Reads the axis roles of every Dense/DenseGeneral/Einsum kernel off a linen model.
+
+    Runs `apply_fn` abstractly (`jax.eval_shape`, no FLOPs) and records, for each module, which
+    of its kernel's axes are layer (``l``: stacked by ``nn.scan``, or einsum batch axes),
+    input (``i``) and output (``o``) axes. Pass the result as ``LoraConfig(kernel_axes=...)``.
+
+    Args:
+      apply_fn: a linen ``apply``.
+      variables: its variables (``{"params": ...}``), arrays or `jax.ShapeDtypeStruct`.
+      *args: sample inputs (shapes matter, values do not).
+      **kwargs: passed to `apply_fn`.
+
+    Returns:
+      ``{path: roles}`` with exact paths (usable as regexes: paths only hold names, digits
+      and '/').
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> model = nn.DenseGeneral(features=(2, 3), axis=-1)
+      >>> v = model.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> infer_kernel_axes(model.apply, v, jnp.ones((1, 4)))
+      {'': 'ioo'}
+    """
+    found: dict[str, str] = {}
+    full_shapes = {
+        join_path(k): tuple(h["kernel"].shape) for k, h in iter_holders(variables["params"])
+    }
+    plain = LoraConfig()
+
+    def record(next_fun, a, kw, context):
+        module = context.module
+        if context.method_name == "__call__" and module.has_variable("params", "kernel"):
+            path = join_path(module.path)
+            desc = _describe(module, a, kw, plain)
+            local = None if desc is None else einsum_roles(*desc[1].eq)
+            if local is not None and path in full_shapes:
+                n_stack = len(full_shapes[path]) - desc[1].kernel.ndim
+                found[path] = "l" * n_stack + local
+        return next_fun(*a, **kw)
+
+    def run(v):
+        with nn.intercept_methods(record):
+            return apply_fn(v, *args, **kwargs)
+
+    jax.eval_shape(run, variables)
+    return found
+
+
+__all__ = ["infer_kernel_axes", "lora", "register_dense_like"]

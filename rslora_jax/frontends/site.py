@@ -1,0 +1,105 @@
+"""One adapted layer, from a frontend's view: ask the method, then the dispatch.
+
+Shared by the linen interceptor (`rslora_jax.frontends.linen`), the NNX layers
+(`rslora_jax.frontends.nnx`) and the built-in models' grouped projections: a frontend describes
+the layer as a `rslora_jax.execution.dispatch.Contraction`, `method_inputs` gets the factor pair
+and column rescale from the config's method, and `rslora_jax.execution.dispatch` computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rslora_jax.core.claim import Claims
+from rslora_jax.core.config import LoraConfig
+from rslora_jax.core.layout import KernelLayout
+from rslora_jax.core.protocol import check_leaf_names
+from rslora_jax.core.tree import adapter_leaves
+from rslora_jax.execution.dispatch import Contraction, adapted_group
+
+DROPOUT_RNG = "lora_dropout"
+
+
+def method_inputs(
+    config: LoraConfig,
+    leaves: Mapping[str, Any],
+    path: str,
+    shared: Mapping[str, Any] | None,
+    lin: Contraction,
+) -> tuple[tuple[Any, Any, float], Any]:
+    """``((A, B, scale), c)`` for the adapted layer `lin` at `path`: the config's method's factor
+    pair and column rescale (None unless the method has one), checked against the kernel as this
+    call sees it (one layer's slice inside ``nn.scan``).
+
+    Raises:
+      ValueError: if the leaves are not the method's, or do not fit the kernel.
+    """
+    method = config.method
+    check_leaf_names(method, leaves, path)
+    a, b, scale = method.pair(leaves, path, config, shared)
+    roles = lin.roles
+    lay = KernelLayout(roles, lin.kernel.shape)
+    if (
+        a.shape[-2] != lay.d_in
+        or b.shape[-1] != lay.d_out
+        or a.shape[-1] != b.shape[-2]
+        or tuple(a.shape[:-2]) != lay.layer_shape
+    ):
+        raise ValueError(
+            f"adapter at {path!r} (kernel {tuple(lin.kernel.shape)} with axes {roles!r} in this "
+            f"call) expects lora_a ({', '.join(map(str, (*lay.layer_shape, lay.d_in)))}, r) and "
+            f"lora_b (..., r, {lay.d_out}); got {tuple(a.shape)} and {tuple(b.shape)}. Check "
+            f"LoraConfig.kernel_axes / fan_in_fan_out for this path (here: {roles!r})"
+        )
+    col = None
+    if method.rescales_columns:
+        col = method.column_scale(leaves, path, config, lay.from_kernel(lin.kernel), a, b, scale)
+    return (a, b, scale), col
+
+
+def linen_dropout(module: Any, rate: float) -> Callable[[jax.Array], jax.Array] | None:
+    """The adapter-input dropout of a linen call, or None when inactive (no rate, or no
+    ``rngs={"lora_dropout": key}`` stream). Each call of the result draws a new mask."""
+    if rate <= 0.0 or not module.has_rng(DROPOUT_RNG):
+        return None
+
+    def drop(x: jax.Array) -> jax.Array:
+        keep = jax.random.bernoulli(module.make_rng(DROPOUT_RNG), 1.0 - rate, x.shape)
+        return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
+
+    return drop
+
+
+def group_output(
+    claims: Claims,
+    x: jax.Array,
+    entries: Sequence[tuple[str, Mapping[str, Any], Contraction, Callable | None]],
+    dropout: Callable[[], Callable | None] | None = None,
+) -> list[jax.Array]:
+    """Outputs of claimed projections that read the same input `x` (a model's fast path).
+
+    Args:
+      claims: the running `rslora_jax.core.claim.Claims`.
+      x: the shared input.
+      entries: ``(path, params dict, contraction, base call)`` per projection.
+      dropout: makes each projection's dropout (called once per projection), or None.
+
+    Returns:
+      One output per entry.
+    """
+    pairs, cols, lins, bases, drops = [], [], [], [], []
+    for path, holder, lin, base in entries:
+        pair, col = method_inputs(claims.config, adapter_leaves(holder), path, claims.shared, lin)
+        pairs.append(pair)
+        cols.append(col)
+        lins.append(lin)
+        bases.append(base)
+        drops.append(dropout() if dropout is not None else None)
+    return adapted_group(x, lins, pairs, bases=bases, cols=cols, mode=claims.mode, dropouts=drops)
+
+
+__all__ = ["DROPOUT_RNG", "group_output", "linen_dropout", "method_inputs"]

@@ -1,0 +1,418 @@
+"""Checkpoints on orbax-checkpoint: adapters alone (small), or adapters + optimizer state + step.
+
+Only adapter leaves are written; the base is never duplicated. Each checkpoint carries a JSON
+manifest (adapter paths, shapes, dtypes, the kernel shape each adapter belongs to, the
+`LoraConfig`), checked against the base before any array is read, so restoring into a model whose
+paths or shapes differ fails with a clear error. Writes are atomic: orbax writes into a temporary
+directory and renames it when complete, and `save_adapters` swaps a finished directory into place,
+so an interrupted save never damages the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rslora_jax._types import PyTree
+from rslora_jax.core.config import LoraConfig
+from rslora_jax.core.tree import KERNEL, combine, iter_holders, join_path, split
+
+FORMAT = "rslora_jax.adapters/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the parameters it is restored into."""
+
+
+# ---------------------------------------------------------------------------- manifest
+def _leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+        out.append((join_path(tuple(keys)), leaf))
+    return out
+
+
+def manifest(params: PyTree, config: LoraConfig | None) -> dict[str, Any]:
+    """What a checkpoint of `params`' adapters holds, as JSON-able data."""
+    adapters, base = split(params)
+    kernels = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(base)}
+    leaves = {}
+    for path, leaf in _leaves_with_paths(adapters):
+        holder = path.rsplit("/", 1)[0] if "/" in path else ""
+        leaves[path] = {
+            "shape": list(leaf.shape),
+            "dtype": str(leaf.dtype),
+            "kernel_shape": list(kernels[holder]) if holder in kernels else None,
+        }
+    cfg = None
+    if config is not None:
+        try:
+            cfg = config.to_dict()
+        except ValueError:
+            cfg = None  # callable targets: not serialisable, the arrays are still fine
+    return {"format": FORMAT, "leaves": leaves, "config": cfg}
+
+
+def _check_against(man: Mapping[str, Any], base: PyTree, where: str) -> None:
+    if man.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{where}: not an rslora_jax checkpoint (format {man.get('format')!r})"
+        )
+    kernels = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(base)}
+    problems = []
+    for path, info in man["leaves"].items():
+        holder = path.rsplit("/", 1)[0] if "/" in path else ""
+        if info.get("kernel_shape") is None:
+            continue
+        if holder not in kernels:
+            problems.append(f"{holder!r}: no such kernel in the base parameters")
+        elif tuple(info["kernel_shape"]) != kernels[holder]:
+            problems.append(
+                f"{holder!r}: checkpoint was made for a kernel of shape "
+                f"{tuple(info['kernel_shape'])}, the base has {kernels[holder]}"
+            )
+    if problems:
+        shown = "; ".join(sorted(set(problems))[:10])
+        raise CheckpointError(
+            f"{where} does not fit these base parameters ({len(set(problems))} problem(s)): {shown}"
+        )
+
+
+def _abstract(man: Mapping[str, Any], base: PyTree, shardings: PyTree | None) -> PyTree:
+    """The adapter tree as ShapeDtypeStructs with target shardings."""
+    tree: dict[str, Any] = {}
+    flat_shardings = dict(_leaves_with_paths(shardings)) if shardings is not None else {}
+    for path, info in man["leaves"].items():
+        sharding = flat_shardings.get(path)
+        if shardings is not None and sharding is None:
+            raise CheckpointError(f"shardings has no entry for adapter leaf {path!r}")
+        if sharding is None:
+            sharding = _default_sharding()
+        leaf = jax.ShapeDtypeStruct(
+            tuple(info["shape"]), np.dtype(info["dtype"]), sharding=sharding
+        )
+        node = tree
+        keys = path.split("/")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    _rekey_like(tree, base)
+    return tree
+
+
+def _rekey_like(tree: dict, base: Any) -> None:
+    """Manifest paths are strings; give the tree the base's own key types (e.g. ints)."""
+    if not isinstance(base, Mapping):
+        return
+    by_str = {str(k): k for k in base}
+    for key in list(tree):
+        real = by_str.get(key, key)
+        val = tree.pop(key)
+        tree[real] = val
+        if isinstance(val, dict):
+            _rekey_like(val, base.get(real))
+
+
+# ---------------------------------------------------------------------------- adapters alone
+def save_adapters(directory: str | os.PathLike, params: PyTree, config: LoraConfig | None = None):
+    """Saves the adapters of `params` (not the base) to `directory`, atomically.
+
+    The directory is written next to its final place and swapped in when complete; an existing
+    checkpoint there is replaced only then.
+
+    Args:
+      directory: target directory (created; its parent must exist or is created).
+      params: a tree with adapters (or the adapters alone).
+      config: the adapter config, stored with the checkpoint (optional).
+
+    Raises:
+      ValueError: if `params` holds no adapters.
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp
+      >>> from rslora_jax import LoraConfig, init
+      >>> base = {"d": {"kernel": jnp.ones((4, 4))}}
+      >>> cfg = LoraConfig(rank=2)
+      >>> p = init(base, cfg, jax.random.key(0))
+      >>> d = tempfile.mkdtemp() + "/ckpt"
+      >>> save_adapters(d, p, cfg)
+      >>> restored, restored_cfg = load_adapters(d, base)
+      >>> bool((restored["d"]["lora_a"] == p["d"]["lora_a"]).all()), restored_cfg.rank
+      (True, 2)
+    """
+    adapters, _ = split(params)
+    if not jax.tree.leaves(adapters):
+        raise ValueError(
+            "save_adapters: params hold no adapter leaves (keys starting with 'lora_')"
+        )
+    target = Path(directory).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{_shared_token()}"  # same name in every process
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        checkpointer.save(
+            tmp,
+            args=ocp.args.Composite(
+                adapters=ocp.args.StandardSave(adapters),
+                manifest=ocp.args.JsonSave(manifest(params, config)),
+            ),
+        )
+        checkpointer.wait_until_finished() if hasattr(checkpointer, "wait_until_finished") else None
+        _swap_into_place(tmp, target)
+        _barrier("rslora_jax.save_adapters")
+    finally:
+        checkpointer.close()
+        if jax.process_index() == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _shared_token() -> str:
+    """A random token that every process of a multi-process run agrees on."""
+    token = np.int32(uuid.uuid4().int & 0x7FFFFFFF)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        token = multihost_utils.broadcast_one_to_all(token)
+    return f"{int(token):08x}"
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    """The first local device with one process; replicated over all devices otherwise."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if jax.process_index() != 0:
+        return
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_adapters(
+    directory: str | os.PathLike, params: PyTree, *, shardings: PyTree | None = None
+) -> tuple[PyTree, LoraConfig | None]:
+    """Restores adapters saved by `save_adapters` into `params`.
+
+    Args:
+      directory: the checkpoint directory.
+      params: the base parameters (adapters already in it are replaced).
+      shardings: optional tree of `jax.sharding.Sharding` for the adapter leaves (e.g. the
+        adapter part of `partition_specs` as NamedShardings); default: the first device.
+
+    Returns:
+      ``(params_with_adapters, config)``; ``config`` is None if none was stored.
+
+    Raises:
+      CheckpointError: (a ValueError) if the checkpoint's paths or kernel shapes do not match
+        `params`, checked before any array is read.
+      FileNotFoundError: if `directory` does not exist.
+    """
+    path = Path(directory).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no adapter checkpoint at {str(path)!r}")
+    _, base = split(params)
+    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        man = checkpointer.restore(path, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))[
+            "manifest"
+        ]
+        _check_against(man, base, f"adapter checkpoint {str(path)!r}")
+        if shardings is not None:
+            shardings, _ = split(shardings) if _has_adapter_keys(shardings) else (shardings, None)
+        abstract = _abstract(man, base, shardings)
+        restored = checkpointer.restore(
+            path, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(abstract))
+        )["adapters"]
+    finally:
+        checkpointer.close()
+    config = LoraConfig.from_dict(man["config"]) if man.get("config") else None
+    return combine(restored, base), config
+
+
+def _has_adapter_keys(tree: Any) -> bool:
+    return isinstance(tree, Mapping) and bool(split(tree)[0])
+
+
+# ---------------------------------------------------------------------------- training state
+class CheckpointManager:
+    """Periodic checkpoints of adapters + optimizer state + step (+ JSON extras) for resuming.
+
+    A thin layer over `orbax.checkpoint.CheckpointManager`: keeps the last ``max_to_keep``
+    steps, writes each step atomically, and restores onto the shardings of the templates it is
+    given. Under ``jax.distributed`` every process calls `save` and `restore` together.
+
+    Args:
+      directory: where step directories go.
+      config: the adapter config, stored in each step's manifest.
+      max_to_keep: how many steps to keep.
+      save_interval_steps: `save` skips steps that are not multiples of this (unless forced).
+
+    Example:
+      >>> import tempfile, jax, jax.numpy as jnp, optax
+      >>> from rslora_jax import LoraConfig, init, optimizer, split
+      >>> cfg = LoraConfig(rank=2)
+      >>> p = init({"d": {"kernel": jnp.ones((4, 4))}}, cfg, jax.random.key(0))
+      >>> opt = optimizer(optax.adam(1e-3), p)
+      >>> state = opt.init(split(p)[0])
+      >>> with CheckpointManager(tempfile.mkdtemp(), config=cfg) as mngr:
+      ...     _ = mngr.save(10, p, state, extra={"seed": 0})
+      ...     p2, state2, step, extra = mngr.restore(p, state)
+      >>> step, extra
+      (10, {'seed': 0})
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        config: LoraConfig | None = None,
+        max_to_keep: int = 3,
+        save_interval_steps: int = 1,
+    ):
+        if max_to_keep < 1:
+            raise ValueError(f"CheckpointManager(max_to_keep=...) must be >= 1, got {max_to_keep}")
+        if save_interval_steps < 1:
+            raise ValueError(
+                f"CheckpointManager(save_interval_steps=...) must be >= 1, got {save_interval_steps}"
+            )
+        self.directory = Path(directory).absolute()
+        self.config = config
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                save_interval_steps=save_interval_steps,
+                create=True,
+                enable_async_checkpointing=False,
+            ),
+        )
+
+    def save(
+        self,
+        step: int,
+        params: PyTree,
+        opt_state: PyTree,
+        *,
+        extra: Mapping[str, Any] | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Saves the adapters of `params`, `opt_state` and `extra` (JSON) at `step`.
+
+        Returns:
+          Whether a checkpoint was written (False for steps skipped by ``save_interval_steps``).
+        """
+        adapters, _ = split(params)
+        return self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                adapters=ocp.args.StandardSave(adapters),
+                opt_state=ocp.args.StandardSave(opt_state),
+                manifest=ocp.args.JsonSave(manifest(params, self.config)),
+                extra=ocp.args.JsonSave(dict(extra or {})),
+            ),
+            force=force,
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def restore(
+        self,
+        params: PyTree,
+        opt_state: PyTree,
+        *,
+        step: int | None = None,
+        shardings: PyTree | None = None,
+    ) -> tuple[PyTree, PyTree, int, dict[str, Any]]:
+        """Restores step `step` (default: the latest) into `params` and `opt_state`'s structure.
+
+        Args:
+          params: the base (or a tree with adapters, which are replaced).
+          opt_state: a template for the optimizer state (arrays or `jax.ShapeDtypeStruct`,
+            e.g. ``jax.eval_shape(opt.init, adapters)``); restored arrays take its shardings.
+          step: which step; default the latest.
+          shardings: shardings for the adapter leaves (default: those of the adapters in
+            `params` if present, else the first device).
+
+        Returns:
+          ``(params_with_adapters, opt_state, step, extra)``.
+
+        Raises:
+          FileNotFoundError: if there is no checkpoint.
+          CheckpointError: if the checkpoint does not fit `params`.
+        """
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {str(self.directory)!r}")
+        current, base = split(params)
+        man = self._manager.restore(step, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))[
+            "manifest"
+        ]
+        _check_against(man, base, f"checkpoint step {step} in {str(self.directory)!r}")
+        if shardings is None and jax.tree.leaves(current):
+            shardings = jax.tree.map(
+                lambda x: x.sharding if hasattr(x, "sharding") else None, current
+            )
+        abstract = _abstract(man, base, shardings)
+        state_abstract = jax.tree.map(_as_abstract, opt_state)
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                adapters=ocp.args.StandardRestore(abstract),
+                opt_state=ocp.args.StandardRestore(state_abstract),
+                extra=ocp.args.JsonRestore(),
+            ),
+        )
+        return combine(out["adapters"], base), out["opt_state"], step, dict(out["extra"] or {})
+
+    def wait_until_finished(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _as_abstract(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return x
+
+
+__all__ = ["CheckpointError", "CheckpointManager", "load_adapters", "manifest", "save_adapters"]
