@@ -33,6 +33,7 @@ import transformers
 import rslora_jax as rl
 from rslora_jax import data
 from rslora_jax import finetune as ft
+from rslora_jax.cli.finetune import command
 from rslora_jax.hf import load_pretrained
 from rslora_jax.models import LlamaForCausalLM
 
@@ -229,7 +230,7 @@ def test_resume_refuses_changed_arguments(base, run, tmp_path, capsys, monkeypat
     run_json = json.loads((out / "run.json").read_text())
     run_json["args"]["out"] = str(out)
     (out / "run.json").write_text(json.dumps(run_json))
-    monkeypatch.setattr(ft, "train", _must_not_train)
+    monkeypatch.setattr(command, "train", _must_not_train)
     assert ft.main(["--resume", "--out", str(out), "--rank", "8"]) == ft.EXIT_USAGE
     assert "--rank 4 -> 8" in capsys.readouterr().err
 
@@ -382,7 +383,7 @@ def test_bad_input_fails_before_training(base, tmp_path, capsys, monkeypatch, ca
     cases = _bad(tmp_path)
     assert sorted(cases) == sorted(BAD)
     extra, message = cases[case]
-    monkeypatch.setattr(ft, "train", _must_not_train)
+    monkeypatch.setattr(command, "train", _must_not_train)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     argv = _args(base, out) + extra  # later flags win
@@ -393,7 +394,7 @@ def test_bad_input_fails_before_training(base, tmp_path, capsys, monkeypatch, ca
 
 
 def test_existing_run_is_not_overwritten(base, run, capsys, monkeypatch):
-    monkeypatch.setattr(ft, "train", _must_not_train)
+    monkeypatch.setattr(command, "train", _must_not_train)
     assert ft.main(_args(base, run.out)) == ft.EXIT_USAGE
     assert "already holds a fine-tuning run" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""Model definitions: the Llama-family causal LM (Llama, Mistral, Qwen2)."""
+"""Model definitions: the Llama-family causal LM (Llama, Mistral, Qwen2), its sharding policy."""
 
 from rslora_jax.models.llama import (
     MODEL_TYPES,
@@ -11,6 +11,7 @@ from rslora_jax.models.llama import (
     init_params,
     rope_inv_freq,
 )
+from rslora_jax.models.sharding import param_specs
 
 __all__ = [
     "MODEL_TYPES",
@@ -21,5 +22,6 @@ __all__ = [
     "causal_lm_loss",
     "convert_scan",
     "init_params",
+    "param_specs",
     "rope_inv_freq",
 ]

@@ -1,0 +1,148 @@
+"""What the commands share: usage errors and exit codes, the parser, argument types, meshes,
+the progress bar.
+
+A command reports bad input by raising `UsageError` (argparse's own errors become one too, see
+`ArgumentParser`); its ``main`` prints ``<prog>: error: <message>`` and returns `EXIT_USAGE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+#: Exit status for bad input (as argparse's).
+EXIT_USAGE = 2
+#: Exit status after a Ctrl-C (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+#: The dtypes a command accepts for activations, parameters and exports.
+DTYPES = ("float32", "bfloat16", "float16")
+#: The device-mesh axes: batch (``data``), batch + FSDP-sharded base (``fsdp``), tensor
+#: parallelism (``model``); see `rslora_jax.models.sharding`.
+MESH_AXES = ("data", "fsdp", "model")
+
+
+class UsageError(ValueError):
+    """Bad input to a command: reported as ``<prog>: error: ...``, exit status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults in the help, except ``None`` and ``False`` ones."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help  # no "(default: None)"
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors raise `UsageError` instead of exiting."""
+
+    def error(self, message: str) -> Any:  # argparse's own errors go through UsageError too
+        raise UsageError(message)
+
+
+def int_at_least(low: int, what: str) -> Callable[[str], int]:
+    """An argparse ``type`` for integers ``>= low``; `what` names them in the error.
+
+    Example:
+      >>> int_at_least(1, "a positive integer")("3")
+      3
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
+nonnegative_int = int_at_least(0, "an integer >= 0")
+
+
+def float_in(
+    low: float, high: float, *, low_open: bool = True, high_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse ``type`` for finite numbers in an interval (open or closed at each end).
+
+    Example:
+      >>> float_in(0.0, 1.0, high_open=True)("0.25")
+      0.25
+    """
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            lo = "(" if low_open else "["
+            hi = ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(
+                f"expected a number in {lo}{low}, {high}{hi}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def parse_mesh(spec: str | None) -> dict[str, int]:
+    """Parses ``--mesh`` ("data=2,model=4") into ``{"data": 2, "model": 4}``.
+
+    Raises:
+      UsageError: for unknown axes, repeated axes or sizes that are not positive integers.
+
+    Example:
+      >>> parse_mesh("data=2,model=4")
+      {'data': 2, 'model': 4}
+    """
+    if spec is None:
+        return {}
+    axes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, sep, size = (s.strip() for s in part.partition("="))
+        if not sep or name not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise UsageError(
+                f"--mesh {spec!r}: expected AXIS=SIZE,... with AXIS in {', '.join(MESH_AXES)} "
+                f"and SIZE a positive integer (e.g. 'data=2,model=4'); got {part!r}"
+            )
+        if name in axes:
+            raise UsageError(f"--mesh {spec!r}: axis {name!r} is given twice")
+        axes[name] = int(size)
+    return axes
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str, enabled: bool = True) -> Any:
+    """A tqdm bar on stderr (tqdm is imported here, not with the package); None if disabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        desc=desc,
+        dynamic_ncols=True,
+        mininterval=0.5,
+        file=sys.stderr,
+    )
+
+
+def log(bar: Any, message: str) -> None:
+    """Prints `message` to stdout above the progress bar `bar` (or plainly, when it is None)."""
+    if bar is not None:
+        bar.write(message, file=sys.stdout)
+    else:
+        print(message, flush=True)
+    sys.stdout.flush()

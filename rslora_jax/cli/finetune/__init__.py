@@ -1,0 +1,98 @@
+"""The fine-tuning command: ``python -m rslora_jax.finetune`` (console script ``rslora-finetune``).
+
+Fine-tunes a Llama-family causal LM (a Hugging Face checkpoint directory: Llama, Mistral,
+Qwen2 in safetensors) with rsLoRA adapters and leaves in ``--out`` everything needed to serve the
+result or to continue it::
+
+    adapters/       the adapter checkpoint (`rslora_jax.load_adapters`)
+    peft/           the adapter in PEFT's format (``peft.PeftModel.from_pretrained``)
+    merged/         adapters merged into the base, with the tokenizer: a Hugging Face model dir
+    checkpoints/    adapters + optimizer state + step, for ``--resume``
+    loss.png        training and held-out loss curves
+    metrics.json    losses, held-out losses, tokens/s, timings and the full configuration
+    run.json        the arguments of the run (``--resume`` reads them back)
+
+With no arguments it runs offline on a CPU in a few minutes: the built-in base model
+(``rslora_jax/assets/base``: a 3.7M-parameter Llama pretrained on CPython's help topics and
+standard-library code, made by ``scripts/pretrain_base.py``) fine-tuned on the built-in corpus
+(the source of the standard-library modules in `rslora_jax.data.FINETUNE_MODULES`, held out
+from pretraining; the last 5% of its sequences are the held-out evaluation set).
+
+The training step runs ``rslora_jax.lora(model.apply, config)`` (``mode="auto"``: at training
+batch sizes each projection is one matmul with ``W + gamma*A@B`` formed per step and low-rank
+adapter gradients, `rslora_jax.fused`), differentiated with respect to the adapters only
+(`split` / `combine`), with AdamW through
+`rslora_jax.optimizer`. ``--mesh data=2,model=4`` runs on several devices: the batch is split
+over ``data`` (and ``fsdp``) and the base is sharded FSDP-style over ``fsdp`` and
+tensor-parallel over ``model``; the adapters follow the base (`rslora_jax.partition_specs`).
+
+Batches are a function of (seed, step) (`rslora_jax.data.batch_iterator`) and the dropout key is
+``fold_in(key, step)``, so ``--resume`` continues an interrupted run exactly where it stopped:
+on CPU the adapters after resuming are bit-identical to those of an uninterrupted run. Ctrl-C
+finishes the current step, saves a checkpoint and exits with status 130 (a second Ctrl-C aborts
+at once). Every input is checked before any weight is read or anything is compiled; a bad one
+stops the command with exit status 2 and a message that says what to fix.
+
+Several processes (hosts) run one job under JAX's distributed runtime: start the same command in
+every process with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or
+``--distributed auto`` on TPU pods, SLURM and Open MPI). The mesh then spans the devices of all
+processes, each process materialises only its own rows of every global batch, checkpoints are
+written and restored by all processes together, and process 0 writes the exports, the metrics
+and the progress bar. A Ctrl-C in any process stops all of them after the next step, with one
+checkpoint. The numbers do not depend on the number of processes: a run on 2
+processes x 2 devices computes the losses and adapters of a run on 1 process x 4 devices
+(``docs/multihost.md``, "The fine-tuning command").
+
+The command's stages, one module each::
+
+    args      the parser, `parse_args` (``--resume`` reads run.json back)
+    runtime   joining jax.distributed, agreeing across processes
+    plan      every input checked before any weight is read -> `Plan`
+    layout    shardings of base, adapters and batches; this process's rows of a batch
+    program   optimizer and schedule, the jitted training and evaluation steps -> `Program`
+    loop      `train`: steps, evaluation, checkpoints, resume, Ctrl-C
+    outputs   exports, loss.png, metrics.json, the summary
+    command   `finetune` and `main`: all of the above, and the exit status
+
+The Llama family's tensor-parallel policy is `rslora_jax.models.sharding.param_specs`; what a
+second command would share (usage errors, argument types, ``--mesh``, the progress bar) is in
+`rslora_jax.cli.common`.
+"""
+
+from rslora_jax.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError, parse_mesh
+from rslora_jax.cli.finetune.args import DEFAULT_MODEL, PROG, RUNS_DIR, build_parser, parse_args
+from rslora_jax.cli.finetune.command import finetune, main
+from rslora_jax.cli.finetune.loop import train
+from rslora_jax.cli.finetune.outputs import plot_losses
+from rslora_jax.cli.finetune.plan import Plan, checkpoint_steps, prepare
+from rslora_jax.cli.finetune.program import (
+    OptimSettings,
+    Program,
+    make_optimizer,
+    make_schedule,
+    program,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "PROG",
+    "RUNS_DIR",
+    "OptimSettings",
+    "Plan",
+    "Program",
+    "UsageError",
+    "build_parser",
+    "checkpoint_steps",
+    "finetune",
+    "main",
+    "make_optimizer",
+    "make_schedule",
+    "parse_args",
+    "parse_mesh",
+    "plot_losses",
+    "prepare",
+    "program",
+    "train",
+]

@@ -1,0 +1,82 @@
+"""The command as a whole: parse, check (and agree across processes), train, exit status."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from rslora_jax.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
+from rslora_jax.cli.finetune.args import PROG, RUNS_DIR, parse_args
+from rslora_jax.cli.finetune.loop import train
+from rslora_jax.cli.finetune.plan import prepare
+from rslora_jax.cli.finetune.runtime import (
+    agree,
+    broadcast_text,
+    check_distributed,
+    start_runtime,
+    stop_runtime,
+)
+
+
+def finetune(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parses `argv`, validates it, and runs the fine-tuning.
+
+    Args:
+      argv: command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+      The metrics dict (see `train`).
+
+    Raises:
+      UsageError: for bad input, before any weight is read or anything is compiled. With
+        several processes, every process raises it (they all check, then agree).
+    """
+    args = parse_args(argv)
+    check_distributed(args)
+    start_runtime(args)
+    if jax.process_count() > 1 and args.out is None:  # one run directory: process 0's name
+        args.out = RUNS_DIR / broadcast_text(time.strftime("rslora-%Y%m%d-%H%M%S"))
+    try:
+        plan, error = prepare(args), None
+    except UsageError as err:
+        plan, error = None, err
+    agree(error)
+    return train(plan)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``rslora-finetune`` / ``python -m rslora_jax.finetune``.
+
+    Returns:
+      The exit status: 0 when done, 2 for bad input (the message goes to stderr), 130 when
+      interrupted by Ctrl-C (after saving a checkpoint). The same in every process of a
+      multi-process run.
+    """
+    try:
+        result = finetune(argv)
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        if jax.distributed.is_initialized():
+            # Every process has agreed to stop (`agree`); leave without the runtime's shutdown
+            # barrier, which can wait forever once a peer has gone (seen on a loaded CI machine).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USAGE)
+        status = EXIT_USAGE
+    except KeyboardInterrupt:
+        if not jax.distributed.is_initialized():
+            raise
+        # A second Ctrl-C in a multi-process run: leave at once. A normal exit would wait at
+        # the runtime's shutdown barrier for processes that wait for this one.
+        print(f"\n{PROG}: aborted (process {jax.process_index()})", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
+    else:
+        status = EXIT_INTERRUPTED if result.get("interrupted") else 0
+    stop_runtime()  # every process gets here together (errors are agreed on first)
+    return status

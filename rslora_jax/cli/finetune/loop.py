@@ -1,0 +1,308 @@
+"""The training loop: steps, held-out evaluation, periodic checkpoints, resume and Ctrl-C.
+
+`train` runs (or resumes) a `Plan`; at the end it hands the adapters to
+`rslora_jax.cli.finetune.outputs`. A first Ctrl-C stops after the current step and saves a
+checkpoint (`StopRequest`); a second one aborts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import rslora_jax as rl
+from rslora_jax import distributed
+from rslora_jax._types import PyTree
+from rslora_jax.cli.common import log, progress_bar
+from rslora_jax.cli.finetune.args import PROG, args_to_json
+from rslora_jax.cli.finetune.layout import LocalRows
+from rslora_jax.cli.finetune.outputs import build_metrics, mean_tail, write_metrics, write_outputs
+from rslora_jax.cli.finetune.plan import Plan
+from rslora_jax.cli.finetune.program import OptimSettings, Program, program
+from rslora_jax.cli.finetune.runtime import barrier
+
+
+class StopRequest:
+    """Set by the first Ctrl-C; the loop saves and stops after the current step.
+
+    With several processes, the flag travels through the training step (`Program.stop_flags`),
+    so every process stops after the same step (the one after the Ctrl-C) and they save
+    together.
+    """
+
+    def __init__(self, multi: bool = False) -> None:
+        self.requested = False
+        self.multi = multi
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        def handler(signum: int, frame: Any) -> None:
+            self.requested = True
+            # A second Ctrl-C aborts at once.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            which = f" (process {jax.process_index()})" if self.multi else ""
+            when = (
+                "all processes stop after the next step"
+                if self.multi
+                else "stopping after this step"
+            )
+            print(
+                f"\n{PROG}: Ctrl-C{which}: {when} and save a checkpoint "
+                "(Ctrl-C again to abort without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        try:
+            previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread: KeyboardInterrupt is caught instead
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class Evaluator:
+    """Held-out loss: every held-out row once, padded to whole batches with zero weight.
+
+    Every process keeps the (small) held-out set and materialises its own rows of each batch.
+    """
+
+    def __init__(self, prog: Program, rows: np.ndarray, local: LocalRows) -> None:
+        batch_size = local.batch_size
+        pad = (-len(rows)) % batch_size
+        self.prog = prog
+        self.local = local
+        self.rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), rows.dtype)])
+        self.weight = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
+
+    def __call__(self, adapters: PyTree, base: PyTree) -> float:
+        size, mine = self.local.batch_size, self.local.rows
+        total = count = 0.0
+        for i in range(0, len(self.rows), size):
+            local = (self.rows[i : i + size][mine], self.weight[i : i + size][mine])
+            rows, weight = distributed.make_global_batch(local, self.prog.batch, size)
+            s, c = self.prog.eval_sums(adapters, base, rows, weight)
+            total, count = total + float(s), count + float(c)
+        return total / count
+
+
+def train(plan: Plan) -> dict[str, Any]:
+    """Runs (or resumes) the fine-tuning described by `plan`; writes the outputs.
+
+    Under ``jax.distributed`` every process calls this together: each trains on its own rows
+    of every global batch, all save checkpoints together, and process 0 prints and writes the
+    exports and metrics (the others wait for it).
+
+    Returns:
+      The metrics (also written to ``metrics.json``); ``metrics["interrupted"]`` is True when
+      Ctrl-C stopped the run (a checkpoint was saved, no final outputs were written).
+    """
+    from rslora_jax.hf import load_pretrained
+
+    args, out = plan.args, plan.out
+    multi = jax.process_count() > 1
+    lead = jax.process_index() == 0
+    say = functools.partial(print, flush=True) if lead else _silent
+    t_start = time.perf_counter()
+    if not args.resume and lead:
+        run = {"args": {**args_to_json(args), "out": str(out)}, "data_sha256": plan.data_sha256}
+        (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    prog = program(
+        plan.model_config,
+        plan.lora_config,
+        OptimSettings.from_args(args),
+        plan.mesh,
+        args.forward,
+    )
+    local = LocalRows.of(prog.batch, args.batch_size)
+    _, base = load_pretrained(
+        plan.model_dir,
+        dtype=args.dtype,
+        param_dtype=args.param_dtype,
+        scan_layers=True,
+        shardings=prog.base,
+        remat=args.remat,
+    )
+    key_init, key_dropout = jax.random.split(jax.random.key(args.seed))
+    # Created in place, sharded: every process computes its own shards of the same values.
+    abstract_base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+    adapters = jax.jit(
+        lambda k: rl.init_adapters(abstract_base, plan.lora_config, k), out_shardings=prog.adapters
+    )(key_init)
+    opt_state = prog.init_state(adapters)
+    evaluate = Evaluator(prog, plan.eval_rows, local)
+
+    losses: list[float] = []
+    evals: list[list[float]] = []
+    start_step = 0
+    previous_seconds = 0.0
+    manager = rl.CheckpointManager(
+        out / "checkpoints", config=plan.lora_config, max_to_keep=args.keep
+    )
+    saved_steps = set(manager.all_steps())
+    if args.resume:
+        restored, opt_state, start_step, extra = manager.restore(
+            rl.combine(adapters, base), opt_state
+        )
+        adapters, _ = rl.split(restored)
+        losses = [float(x) for x in extra.get("losses", [])]
+        evals = [list(e) for e in extra.get("evals", [])]
+        previous_seconds = float(extra.get("train_seconds", 0.0))
+        say(f"resuming {out} at step {start_step} of {args.steps}")
+
+    timer = {"train": 0.0, "steady": 0.0, "first": None}
+    steady_tokens = 0
+
+    def save(step: int) -> None:
+        if step in saved_steps:
+            return
+        extra = {
+            "losses": losses,
+            "evals": evals,
+            "train_seconds": previous_seconds + timer["train"],
+        }
+        manager.save(step, rl.combine(adapters, base), opt_state, extra=extra, force=True)
+        manager.wait_until_finished()
+        saved_steps.add(step)
+
+    n_adapter = rl.num_adapter_params(adapters)
+    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
+    tokens_per_step = args.batch_size * args.seq_len
+    scale = plan.lora_config.scale_for("model/layers/self_attn/q_proj")
+    processes = f", {jax.process_count()} processes" if multi else ""
+    say(
+        f"model {plan.model_dir} ({n_base:,} parameters, frozen)\nadapters: {n_adapter:,} "
+        f"parameters, rank {args.rank}, alpha {args.alpha:g}, {args.scaling} (scale "
+        f"{scale:.4g}), targets {args.targets}\ndata: {plan.data_description}: "
+        f"{len(plan.train_rows)} training and {len(plan.eval_rows)} held-out sequences of "
+        f"{args.seq_len} tokens\ndevices: {dict(plan.mesh.shape)} "
+        f"({plan.mesh.devices.flat[0].platform}{processes})"
+    )
+    setup_seconds = time.perf_counter() - t_start
+    if not evals:
+        evals.append([0, evaluate(adapters, base)])
+        say(f"held-out loss before training: {evals[0][1]:.4f}")
+
+    stop = StopRequest(multi)
+    flags = {False: prog.stop_flags(False), True: prog.stop_flags(True)}
+    stop_all = False  # a Ctrl-C in any process, as the last step saw it
+    rng = jax.jit(lambda k: k, out_shardings=prog.replicated)(key_dropout)
+    batches = local.batches(plan.train_rows, seed=args.seed, start_step=start_step)
+    step = start_step
+    bar = (
+        progress_bar(
+            args.steps, initial=start_step, desc="fine-tuning", enabled=not args.no_progress
+        )
+        if lead
+        else None
+    )
+
+    def stopping() -> bool:
+        # One process stops on its own Ctrl-C; several stop together, on what the step said.
+        return stop_all if multi else stop.requested
+
+    try:
+        with stop.installed():
+            while step < args.steps and not stopping():
+                batch = distributed.make_global_batch(next(batches), prog.batch, args.batch_size)
+                t0 = time.perf_counter()
+                new_adapters, new_state, loss, any_stop = prog.train_step(
+                    adapters,
+                    opt_state,
+                    base,
+                    batch,
+                    rng,
+                    jnp.int32(step),
+                    flags[stop.requested],
+                )
+                loss_value = float(loss)  # waits for the step
+                stop_all = bool(any_stop)
+                adapters, opt_state = new_adapters, new_state
+                elapsed = time.perf_counter() - t0
+                timer["train"] += elapsed
+                if timer["first"] is None:
+                    timer["first"] = elapsed  # includes compilation
+                else:
+                    steady_tokens += tokens_per_step
+                    timer["steady"] += elapsed
+                step += 1
+                losses.append(loss_value)
+                if step == start_step + 1 and lead:
+                    log(bar, f"train loss at the first step: {loss_value:.4f}")
+                if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+                    evals.append([step, evaluate(adapters, base)])
+                if args.save_every and step % args.save_every == 0:
+                    save(step)
+                if bar is not None:
+                    postfix = {"loss": f"{mean_tail(losses):.4f}"}
+                    if timer["steady"]:
+                        postfix["tok/s"] = f"{steady_tokens / timer['steady']:,.0f}"
+                    if len(evals) > 1:
+                        postfix["eval"] = f"{evals[-1][1]:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+    except KeyboardInterrupt:
+        if stop.requested or multi:
+            raise  # a second Ctrl-C (or one outside the step loop's handler): no saving
+        stop.requested = True  # no handler (not the main thread): stop and save
+    finally:
+        if bar is not None:
+            bar.close()
+    if stopping() and step < args.steps:
+        save(step)
+        manager.close()
+        if lead:
+            print(
+                f"{PROG}: interrupted at step {step} of {args.steps}; checkpoint saved in "
+                f"{out / 'checkpoints'}.\nContinue with: {PROG} --resume --out {out}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return {"interrupted": True, "step": step, "out": str(out)}
+
+    if not evals or evals[-1][0] != args.steps:
+        evals.append([args.steps, evaluate(adapters, base)])
+    save(args.steps)
+    manager.close()
+    t_export = time.perf_counter()
+    written = write_outputs(plan, adapters, base, losses, evals)
+    seconds = {
+        "setup": setup_seconds,
+        "first_step_with_compilation": timer["first"],
+        "train_this_process": timer["train"],
+        "train_total": previous_seconds + timer["train"],
+        "export": time.perf_counter() - t_export,
+        "total_this_process": time.perf_counter() - t_start,
+    }
+    metrics = build_metrics(
+        plan,
+        written,
+        losses=losses,
+        evals=evals,
+        resumed_from_step=start_step if args.resume else None,
+        tokens_per_step=tokens_per_step,
+        tokens_per_second=steady_tokens / timer["steady"] if timer["steady"] else None,
+        seconds=seconds,
+        parameters={"base": n_base, "adapters": n_adapter},
+    )
+    if lead:
+        write_metrics(metrics, written["metrics"], out)
+    barrier("rslora-finetune: outputs written")
+    return metrics
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """`print` for the processes other than process 0."""
