@@ -454,25 +454,39 @@ def load_texts(paths: Sequence[str | Path], *, text_field: str = "text") -> list
 
 
 def load_tokenizer(name_or_path: str | Path | None = None, **kwargs: Any) -> Any:
-    """Load a ``transformers`` tokenizer; the built-in one when ``name_or_path`` is None.
+    """Loads a ``transformers`` tokenizer from local files; the built-in one by default.
+
+    The one tokenizer loader of the package (``rslora_jax.hf.load_tokenizer`` is this function).
+    It never downloads (``local_files_only=True``) and never runs code shipped with a model
+    (``trust_remote_code=False``); asking for either is an error.
 
     Args:
-        name_or_path: A tokenizer directory or Hub name, or None for
-            :data:`BUILTIN_TOKENIZER_DIR` (loaded with ``local_files_only=True``).
+        name_or_path: A tokenizer directory (``tokenizer.json``, ``tokenizer_config.json``, ...)
+            or a name already in the local Hugging Face cache; None for the built-in tokenizer
+            :data:`BUILTIN_TOKENIZER_DIR`.
         **kwargs: Passed to ``transformers.AutoTokenizer.from_pretrained``.
 
     Returns:
         The tokenizer.
+
+    Raises:
+        ValueError: ``local_files_only=False`` or ``trust_remote_code=True`` was passed.
 
     Example:
         >>> tokenizer = load_tokenizer()
         >>> len(tokenizer), tokenizer.eos_token
         (2048, '</s>')
     """
+    for key, forced in (("local_files_only", True), ("trust_remote_code", False)):
+        if kwargs.get(key, forced) is not forced:
+            raise ValueError(
+                f"load_tokenizer: {key}={kwargs[key]!r} is not allowed; tokenizers load from "
+                "local files only and never run remote code"
+            )
+        kwargs[key] = forced
     from transformers import AutoTokenizer
 
     if name_or_path is None:
-        kwargs.setdefault("local_files_only", True)
         name_or_path = BUILTIN_TOKENIZER_DIR
     return AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
 

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import rslora_jax as rl
+from rslora_jax import _files
 from rslora_jax.checkpoint import CheckpointError
 from tests import _models as M
 
@@ -160,6 +161,31 @@ def test_failed_save_keeps_last_good_checkpoint(setup, tmp_path):
         assert mngr.latest_step() == 1
         restored, *_ = mngr.restore(base, state)
     _assert_trees_equal(restored, params)
+
+
+def test_crash_between_renames_keeps_a_complete_checkpoint(setup, tmp_path, monkeypatch):
+    """A save killed between its two renames: the next load finds the old checkpoint whole."""
+    base, params, *_ = setup
+    rl.save_adapters(tmp_path / "ad", params, CFG)
+    newer = rl.combine(jax.tree.map(lambda x: x + 1, rl.split(params)[0]), base)
+
+    class Killed(BaseException):
+        pass
+
+    def die(new, target):
+        raise Killed
+
+    monkeypatch.setattr(_files, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(_files, "_move_in", die)
+    monkeypatch.setattr(_files, "_move_back", lambda target: None)  # a dead process undoes nothing
+    with pytest.raises(Killed):
+        rl.save_adapters(tmp_path / "ad", newer, CFG)
+    monkeypatch.undo()
+    assert not (tmp_path / "ad").exists()
+    _assert_trees_equal(rl.load_adapters(tmp_path / "ad", base)[0], params)
+    rl.save_adapters(tmp_path / "ad", newer, CFG)  # the next save replaces it whole
+    _assert_trees_equal(rl.load_adapters(tmp_path / "ad", base)[0], newer)
+    assert sorted(os.listdir(tmp_path)) == ["ad"]
 
 
 def test_save_without_adapters_is_an_error(setup, tmp_path):

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from rslora_jax.hf import checkpoint as ckpt
+from rslora_jax import _files, data
 from rslora_jax.hf import (
     flax_module_path,
     hf_module_name,
@@ -34,7 +34,8 @@ from rslora_jax.hf import (
     load_tokenizer,
     save_pretrained,
 )
-from rslora_jax.models import LlamaConfig, LlamaForCausalLM, convert_scan, init_params
+from rslora_jax.hf import io as hf_io
+from rslora_jax.models import LlamaConfig, LlamaForCausalLM, convert_scan, families, init_params
 from rslora_jax.models.llama import rope_inv_freq
 from tests._torch_ref import IDS, TINY, VOCAB, torch_logits, torch_model
 
@@ -173,7 +174,7 @@ def test_bf16_raw_reader_matches_safe_open(tmp_path):
     b = np.arange(4, dtype=np.float32)
     save_file({"a": a, "b": b}, str(tmp_path / "model.safetensors"))
     with contextlib.ExitStack() as stack:
-        reader = ckpt._TensorReader(tmp_path, stack)
+        reader = hf_io.TensorReader([tmp_path / "model.safetensors"], stack)
         np.testing.assert_array_equal(reader._read_raw("a"), a)
         np.testing.assert_array_equal(reader._read_raw("b"), b)
         np.testing.assert_array_equal(reader.read("a", (slice(1, 3), slice(None))), a[1:3])
@@ -244,14 +245,14 @@ def test_load_with_shardings(llama_dir, monkeypatch):
 
     shardings = jax.tree.map(spec, single)
     reads = []
-    original = ckpt._TensorReader.read
+    original = hf_io.TensorReader.read
 
     def spy(self, name, index):
         out = original(self, name, index)
         reads.append((name, out.size, int(np.prod(self.shape[name]))))
         return out
 
-    monkeypatch.setattr(ckpt._TensorReader, "read", spy)
+    monkeypatch.setattr(hf_io.TensorReader, "read", spy)
     config, params = load_pretrained(llama_dir.dir, shardings=shardings)
     for a, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
         assert a.sharding == s
@@ -522,12 +523,146 @@ def test_failed_save_keeps_previous_files(tmp_path, monkeypatch):
             f.write(b"\0" * 100)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", half_write)
+    monkeypatch.setattr(hf_io, "write_safetensors", half_write)
     with pytest.raises(OSError, match="No space"):
         save_pretrained(tmp_path, other, config)
     assert _snapshot(tmp_path) == before
     _, loaded = load_pretrained(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_save_keeps_other_files_and_drops_stale_weights(tmp_path):
+    config = SAVE_CONFIGS["llama"]
+    params = _random_params(config)
+    save_pretrained(tmp_path, params, config, max_shard_size="16KB")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "notes").mkdir()
+    save_pretrained(tmp_path, params, config)
+    assert sorted(os.listdir(tmp_path)) == [
+        "config.json",
+        "model.safetensors",
+        "notes",
+        "tokenizer.json",
+    ]
+
+
+class _Killed(BaseException):
+    """The process dies here (nothing after it runs, not even clean-up)."""
+
+
+def _die_between_renames(monkeypatch) -> None:
+    """The next directory swap stops after its first rename (the two-rename fallback)."""
+
+    def die(new, target):
+        raise _Killed
+
+    monkeypatch.setattr(_files, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(_files, "_move_in", die)
+    monkeypatch.setattr(_files, "_move_back", lambda target: None)
+
+
+def test_crash_between_renames_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    """A crash inside a save never leaves a mixed checkpoint (old tensors with new ones)."""
+    config = SAVE_CONFIGS["llama"]
+    target = tmp_path / "merged"
+    old = _random_params(config)
+    save_pretrained(target, old, config, max_shard_size="16KB")
+    before = _snapshot(target)
+    new = _random_params(config, seed=5)
+    _die_between_renames(monkeypatch)
+    with pytest.raises(_Killed):
+        save_pretrained(target, new, config, max_shard_size="16KB")
+    monkeypatch.undo()
+    assert not target.exists()  # the crash window: only the .old sibling holds the checkpoint
+    _, loaded = load_pretrained(target)  # a reader puts it back
+    jax.tree.map(np.testing.assert_array_equal, loaded, old)
+    assert _snapshot(target) == before
+
+    # An error (not a crash) in the second rename: rolled back at once.
+    monkeypatch.setattr(_files, "_exchange", lambda a, b: False)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("injected: I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="injected"):
+        save_pretrained(target, new, config, max_shard_size="16KB")
+    monkeypatch.undo()
+    assert _snapshot(target) == before
+    assert sorted(os.listdir(tmp_path)) == ["merged"]  # no staging or .old directory left
+
+    save_pretrained(target, new, config)  # and the next save replaces it whole
+    _, loaded = load_pretrained(target)
+    jax.tree.map(np.testing.assert_array_equal, loaded, new)
+    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors"]
+
+
+def test_save_directory_mode_follows_umask(tmp_path):
+    import stat
+
+    cfg = LlamaConfig.tiny()
+    old = os.umask(0o027)
+    try:
+        save_pretrained(tmp_path / "m", _random_params(cfg), cfg)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o750
+    for f in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
+
+
+def test_invalid_json_errors_name_the_file(llama_dir, tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json' is not valid JSON"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text((llama_dir.dir / "config.json").read_text())
+    (tmp_path / "model.safetensors.index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"index\.json' does not hold a JSON object"):
+        load_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Model families
+
+
+@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("name", sorted(SAVE_CONFIGS))
+def test_family_linear_modules_match_transformers(name, scan):
+    """The family's Linear map is the torch model's nn.Linear modules, names and features."""
+    config = SAVE_CONFIGS[name].replace(scan_layers=scan)
+    fam = families.family_of(config)
+    assert fam is families.family(name) and name in fam.model_types
+    model = torch_model(config.to_hf())
+    linears = {
+        n: (m.in_features, m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not (config.tie_word_embeddings and n == "lm_head")
+    }
+    ours = {}
+    for path, m in fam.linear_modules(config).items():
+        assert m.stacked == (scan and path.startswith("model/layers/")), path
+        for layer, hf in enumerate(m.names):
+            assert families.hf_module_name(path, layer if m.stacked else None) == hf
+            assert families.flax_module_path(hf, scan) == (path, layer if m.stacked else None)
+            ours[hf] = (m.d_in, m.d_out)
+    assert ours == linears
+    assert fam.architecture(name) == type(model).__name__
+    assert fam.all_linear(linears) == sorted(
+        {n.rsplit(".", 1)[-1] for n in linears if n != "lm_head"}
+    )
+
+
+def test_unknown_family_is_refused():
+    with pytest.raises(ValueError, match=r"model_type='gpt2' is not supported.*llama"):
+        families.family("gpt2")
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        families.family_of(transformers.GPT2Config())
+    with pytest.raises(ValueError, match="must be a rslora_jax LlamaConfig or a transformers"):
+        families.family_of({"model_type": "llama"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,6 +679,22 @@ def test_load_tokenizer(tmp_path):
     fast.save_pretrained(tmp_path)
     loaded = load_tokenizer(tmp_path)
     assert loaded("hello there world")["input_ids"] == [1, 0, 2]
+
+
+def test_one_tokenizer_loader():
+    """hf.load_tokenizer and data.load_tokenizer are one function: local files, no remote code."""
+    from rslora_jax import hf
+
+    assert hf.load_tokenizer is data.load_tokenizer is hf_io.load_tokenizer
+    text = "tokenize me, please"
+    builtin = transformers.AutoTokenizer.from_pretrained(
+        str(data.BUILTIN_TOKENIZER_DIR), local_files_only=True
+    )
+    assert hf.load_tokenizer().encode(text) == builtin.encode(text)  # the built-in by default
+    with pytest.raises(ValueError, match="trust_remote_code=True is not allowed"):
+        hf.load_tokenizer(data.BUILTIN_TOKENIZER_DIR, trust_remote_code=True)
+    with pytest.raises(ValueError, match="local_files_only=False is not allowed"):
+        hf.load_tokenizer(None, local_files_only=False)
 
 
 def test_import_does_not_load_torch_or_transformers():

@@ -29,8 +29,9 @@ from peft.utils.other import get_pattern_key
 from safetensors.numpy import load_file, save_file
 
 import rslora_jax as rl
+from rslora_jax import _files
 from rslora_jax.hf import flax_module_path, load_pretrained
-from rslora_jax.hf import peft as hf_peft
+from rslora_jax.hf import io as hf_io
 from rslora_jax.hf.peft import PeftFormatWarning, export_peft, import_peft
 from rslora_jax.models import LlamaConfig, LlamaForCausalLM, convert_scan, init_params
 from tests._torch_ref import IDS, TINY, VOCAB, rel, torch_logits, torch_model
@@ -770,11 +771,46 @@ def test_export_refuses_symlink_and_is_atomic(llama, tmp_path, monkeypatch):
         Path(path).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf_peft, "_write_safetensors", broken)
+    monkeypatch.setattr(hf_io, "write_safetensors", broken)
     other = _random_adapters(base, lcfg, seed=13)
     with pytest.raises(OSError, match="disk full"):
         export_peft(good_dir, other, lcfg, config)
     assert {p.name: p.read_bytes() for p in good_dir.iterdir()} == before  # no temp files left
+
+
+def test_export_crash_between_renames_never_mixes(llama, tmp_path, monkeypatch):
+    """A crash inside an export leaves the old adapter whole (not new factors + old alpha)."""
+    config, base = llama.layouts[False]
+    old_cfg = rl.LoraConfig(rank=2, alpha=2.0, targets=["v_proj"])
+    new_cfg = rl.LoraConfig(rank=2, alpha=16.0, targets=["v_proj"])
+    target = tmp_path / "peft"
+    export_peft(target, _random_adapters(base, old_cfg, seed=21), old_cfg, config)
+    (target / "README.md").write_text("kept")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    class Killed(BaseException):
+        pass
+
+    def die(new, target):
+        raise Killed
+
+    monkeypatch.setattr(_files, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(_files, "_move_in", die)
+    monkeypatch.setattr(_files, "_move_back", lambda target: None)  # a dead process undoes nothing
+    with pytest.raises(Killed):
+        export_peft(target, _random_adapters(base, new_cfg, seed=22), new_cfg, config)
+    monkeypatch.undo()
+    assert not target.exists()
+    _, got = import_peft(target, base, config)  # the reader restores the old adapter
+    assert got.alpha == 2.0
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+    new = _random_adapters(base, new_cfg, seed=22)
+    export_peft(target, new, new_cfg, config)
+    params, got = import_peft(target, base, config)
+    assert got.alpha == 16.0 and (target / "README.md").read_text() == "kept"
+    _adapters_equal(params, new)
+    assert sorted(os.listdir(tmp_path)) == ["peft"]
 
 
 def test_bf16_raw_reader_matches_file(tmp_path):
@@ -791,7 +827,7 @@ def test_bf16_raw_reader_matches_file(tmp_path):
         def get_tensor(self, name):
             raise TypeError("bfloat16 is not supported")
 
-    got = hf_peft._read_tensor(OldHandle(), "a", path)
+    got = hf_io.read_tensor(OldHandle(), "a", path)
     assert got.dtype == jnp.bfloat16 and got.shape == (3, 4)
     np.testing.assert_array_equal(got, tensors["a"])
 

@@ -1,21 +1,22 @@
 """Hugging Face checkpoint directories in and out: config.json + safetensors weights.
 
 Reading streams tensor by tensor (or slice by slice, when a sharding is given) through
-:func:`safetensors.safe_open`, so host memory stays about one tensor (one stacked leaf for
-scanned layers); PyTorch ``(out, in)`` Linear weights become Flax ``(in, out)`` kernels.
+:class:`~rslora_jax.hf.io.TensorReader`, so host memory stays about one tensor (one stacked leaf
+for scanned layers); PyTorch ``(out, in)`` Linear weights become Flax ``(in, out)`` kernels.
 Writing produces what ``transformers.AutoModelForCausalLM.from_pretrained`` loads: config.json,
-``model.safetensors`` or shards plus ``model.safetensors.index.json``. Each file is written
-under a temporary name in the target directory and moved into place with :func:`os.replace`,
-only after every file of the save has been written.
+``model.safetensors`` or shards plus ``model.safetensors.index.json``. The files are written
+into a new directory next to the target, which then replaces the target in one step
+(:func:`rslora_jax._files.staged_directory`): a reader sees the old save or the new one, never
+a mix.
 
-Name mapping (see :func:`hf_module_name` and :func:`flax_module_path`)::
+Which model a directory holds is read off ``config.json``'s ``model_type``; the
+:mod:`rslora_jax.models.families` registry gives the model's config class, its parameters and
+its module names (e.g. ``model/layers/self_attn/q_proj/kernel[i]`` <->
+``model.layers.{i}.self_attn.q_proj.weight``, transposed). Parameter leaves map to tensor
+suffixes as flax and PyTorch name them::
 
-    model/embed_tokens/embedding               <-> model.embed_tokens.weight
-    model/layers/self_attn/q_proj/kernel[i]    <-> model.layers.{i}.self_attn.q_proj.weight (.T)
-    model/layers/{i}/mlp/up_proj/bias          <-> model.layers.{i}.mlp.up_proj.bias
-    model/layers/input_layernorm/scale[i]      <-> model.layers.{i}.input_layernorm.weight
-    model/norm/scale                           <-> model.norm.weight
-    lm_head/kernel                             <-> lm_head.weight (.T; absent when tied)
+    .../kernel     <-> ...weight (transposed)        .../scale  <-> ...weight
+    .../embedding  <-> ...weight                     .../bias   <-> ...bias
 
 transformers and torch are imported lazily: importing this module imports neither.
 """
@@ -27,119 +28,42 @@ import copy
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from rslora_jax import _files
 from rslora_jax._types import Params
-from rslora_jax.models.llama import MODEL_TYPES, LlamaConfig, init_params
+from rslora_jax.hf import io as hf_io
+from rslora_jax.hf.io import load_tokenizer
+from rslora_jax.models.families import (
+    FAMILIES,
+    ModelFamily,
+    family,
+    family_of,
+    flax_module_path,
+    hf_module_name,
+)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "pytorch_model.bin.index.json")
-# Tensors some checkpoints carry that the model recomputes (old Llama checkpoints).
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-_ST_DTYPES: dict[str, Any] = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-}
-_NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-_HF_DTYPE_NAMES = {
-    np.dtype(np.float32): "float32",
-    np.dtype(np.float16): "float16",
-    np.dtype(ml_dtypes.bfloat16): "bfloat16",
-    np.dtype(np.float64): "float64",
-}
 
 
 # --------------------------------------------------------------------------------------------
 # Name mapping
 
 
-def hf_module_name(path: str, layer: int | None = None) -> str:
-    """Maps one of our module paths to Hugging Face's dotted module name.
-
-    Args:
-        path: '/'-joined path of the dict holding a ``kernel`` (or ``scale``/``embedding``),
-            scanned (``model/layers/self_attn/q_proj``) or not (``model/layers/3/self_attn/q_proj``).
-        layer: the layer index for a scanned path; must be None otherwise.
-
-    Returns:
-        The dotted name, e.g. ``model.layers.3.self_attn.q_proj``.
-
-    Raises:
-        ValueError: if a scanned layer path has no ``layer``, or ``layer`` is given for a path
-            that already names its layer or is outside the layers.
-
-    Example:
-        >>> hf_module_name("model/layers/self_attn/q_proj", 3)
-        'model.layers.3.self_attn.q_proj'
-        >>> hf_module_name("model/layers/3/self_attn/q_proj")
-        'model.layers.3.self_attn.q_proj'
-        >>> hf_module_name("lm_head")
-        'lm_head'
-    """
-    parts = [p for p in path.split("/") if p]
-    if not parts:
-        raise ValueError(f"hf_module_name: path={path!r} is empty")
-    in_layers = len(parts) >= 2 and parts[0] == "model" and parts[1] == "layers"
-    if in_layers and len(parts) > 2 and parts[2].isdigit():
-        if layer is not None:
-            raise ValueError(
-                f"hf_module_name: path={path!r} already names its layer; got layer={layer!r}"
-            )
-    elif in_layers:
-        if layer is None:
-            raise ValueError(f"hf_module_name: scanned path={path!r} needs a layer index")
-        if isinstance(layer, bool) or not isinstance(layer, int | np.integer) or layer < 0:
-            raise ValueError(f"hf_module_name: layer={layer!r} must be an int >= 0")
-        parts = [*parts[:2], str(int(layer)), *parts[2:]]
-    elif layer is not None:
-        raise ValueError(f"hf_module_name: path={path!r} is not a layer path; got layer={layer!r}")
-    return ".".join(parts)
-
-
-def flax_module_path(name: str, scan_layers: bool = True) -> tuple[str, int | None]:
-    """Inverse of :func:`hf_module_name`: a dotted HF module name to ``(path, layer)``.
-
-    Args:
-        name: e.g. ``model.layers.3.self_attn.q_proj``.
-        scan_layers: True for our scanned layout (layer index returned separately), False for
-            the unscanned one (layer index kept in the path, ``layer`` None).
-
-    Returns:
-        ``(path, layer)`` such that ``hf_module_name(path, layer) == name``.
-
-    Raises:
-        ValueError: for a layer name without a numeric index.
-
-    Example:
-        >>> flax_module_path("model.layers.3.self_attn.q_proj")
-        ('model/layers/self_attn/q_proj', 3)
-        >>> flax_module_path("model.layers.3.self_attn.q_proj", scan_layers=False)
-        ('model/layers/3/self_attn/q_proj', None)
-    """
-    parts = [p for p in name.split(".") if p]
-    if len(parts) >= 2 and parts[0] == "model" and parts[1] == "layers":
-        if len(parts) < 3 or not parts[2].isdigit():
-            raise ValueError(f"flax_module_path: name={name!r} has no layer index")
-        if scan_layers:
-            return "/".join([*parts[:2], *parts[3:]]), int(parts[2])
-    return "/".join(parts), None
-
-
-def _hf_tensor_name(leaf_path: tuple[str, ...], layer: int | None) -> tuple[str, bool]:
+def _hf_tensor_name(
+    fam: ModelFamily, leaf_path: tuple[str, ...], layer: int | None
+) -> tuple[str, bool]:
     """(HF tensor name, whether the array is transposed) for a leaf of our tree."""
     *module, leaf = leaf_path
     if leaf not in _LEAF_TO_HF:
@@ -147,31 +71,30 @@ def _hf_tensor_name(leaf_path: tuple[str, ...], layer: int | None) -> tuple[str,
             f"parameter {'/'.join(leaf_path)!r} has no Hugging Face counterpart "
             f"(leaf {leaf!r}; expected one of {sorted(_LEAF_TO_HF)})"
         )
-    return f"{hf_module_name('/'.join(module), layer)}.{_LEAF_TO_HF[leaf]}", leaf == "kernel"
+    name = fam.hf_module_name("/".join(module), layer)
+    return f"{name}.{_LEAF_TO_HF[leaf]}", leaf == "kernel"
 
 
 def _path_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def _leaf_specs(abstract: Params, scanned: bool) -> dict[tuple[str, ...], list[tuple[str, bool]]]:
+def _leaf_specs(
+    fam: ModelFamily, abstract: Params, scanned: bool
+) -> dict[tuple[str, ...], list[tuple[str, bool]]]:
     """For each leaf of an (abstract) tree: its HF tensor names (one per stacked layer)."""
     specs: dict[tuple[str, ...], list[tuple[str, bool]]] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         keys = _path_keys(path)
-        if scanned and keys[:2] == ("model", "layers"):
-            specs[keys] = [_hf_tensor_name(keys, i) for i in range(leaf.shape[0])]
+        if fam.is_stacked(keys, scanned):
+            specs[keys] = [_hf_tensor_name(fam, keys, i) for i in range(leaf.shape[0])]
         else:
-            specs[keys] = [_hf_tensor_name(keys, None)]
+            specs[keys] = [_hf_tensor_name(fam, keys, None)]
     return specs
 
 
 def _natural_key(name: str) -> list[Any]:
     return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
-
-
-def _abstract_params(config: LlamaConfig) -> Params:
-    return jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +104,8 @@ def _abstract_params(config: LlamaConfig) -> Params:
 def load_config(directory: str | os.PathLike[str]) -> Any:
     """Reads ``config.json`` with transformers' AutoConfig, offline and without remote code.
 
+    A directory that a crash left half swapped (see :mod:`rslora_jax._files`) is restored first.
+
     Args:
         directory: a checkpoint directory.
 
@@ -188,10 +113,12 @@ def load_config(directory: str | os.PathLike[str]) -> Any:
         The transformers config object.
 
     Raises:
-        ValueError: if there is no config.json or the model type is not llama/mistral/qwen2.
+        ValueError: if there is no config.json, it is not a JSON object, or no model family
+            (:data:`rslora_jax.models.families.FAMILIES`) serves its ``model_type``.
 
     Example:
         >>> import tempfile
+        >>> from rslora_jax.models import LlamaConfig
         >>> tmp = tempfile.TemporaryDirectory()
         >>> LlamaConfig.tiny().to_hf().save_pretrained(tmp.name)
         >>> load_config(tmp.name).model_type
@@ -199,54 +126,32 @@ def load_config(directory: str | os.PathLike[str]) -> Any:
         >>> tmp.cleanup()
     """
     path = Path(directory)
+    _files.recover_directory(path)
     if not (path / CONFIG_NAME).is_file():
         raise ValueError(f"load_config: {str(path)!r} has no {CONFIG_NAME}")
-    with open(path / CONFIG_NAME, encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
-    if model_type not in MODEL_TYPES:
+    model_type = hf_io.read_json(path / CONFIG_NAME, "load_config").get("model_type")
+    if model_type not in FAMILIES:
         raise ValueError(
             f"load_config: {str(path / CONFIG_NAME)!r} has model_type={model_type!r}; "
-            f"supported: {MODEL_TYPES}"
+            f"supported: {tuple(FAMILIES)}"
         )
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
-def load_tokenizer(directory: str | os.PathLike[str]) -> Any:
-    """Loads the tokenizer saved in a checkpoint directory (offline, no remote code).
-
-    Args:
-        directory: a directory holding tokenizer files (tokenizer.json, tokenizer_config.json).
-
-    Returns:
-        The transformers tokenizer.
-
-    Example::
-
-        tok = load_tokenizer("/models/TinyLlama-1.1B")
-        ids = tok("hello", return_tensors="np")["input_ids"]
-    """
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(
-        str(directory), local_files_only=True, trust_remote_code=False
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Loading
 
 
-def _weight_files(directory: Path) -> list[str]:
+def _weight_files(directory: Path) -> list[Path]:
     """The safetensors files to read (``model.safetensors`` first, as transformers does)."""
     index = directory / SAFE_WEIGHTS_INDEX_NAME
     single = directory / SAFE_WEIGHTS_NAME
     if single.is_file():
-        return [SAFE_WEIGHTS_NAME]
+        return [single]
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = hf_io.read_json(index, "load_pretrained").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{str(index)!r} has no 'weight_map'")
         for fname in set(weight_map.values()):
@@ -255,7 +160,11 @@ def _weight_files(directory: Path) -> list[str]:
                     f"{str(index)!r} names the file {fname!r}, which is not a plain file name "
                     "inside the checkpoint directory"
                 )
-        return sorted(set(weight_map.values()))
+        files = [directory / fname for fname in sorted(set(weight_map.values()))]
+        for path in files:
+            if not path.is_file():
+                raise ValueError(f"weight file {str(path)!r} named by the index does not exist")
+        return files
     pickles = sorted({p.name for pat in _PICKLE_PATTERNS for p in directory.glob(pat)})
     if pickles:
         raise ValueError(
@@ -268,65 +177,17 @@ def _weight_files(directory: Path) -> list[str]:
     raise ValueError(f"{str(directory)!r} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}")
 
 
-class _TensorReader:
-    """Lazy, slice-wise reads of the tensors of a checkpoint's safetensors files."""
-
-    def __init__(self, directory: Path, stack: contextlib.ExitStack) -> None:
-        from safetensors import safe_open
-
-        self.directory = directory
-        self.where: dict[str, Any] = {}  # name -> open safe_open handle
-        self.files: dict[str, Path] = {}
-        self.shape: dict[str, tuple[int, ...]] = {}
-        self.dtype: dict[str, str] = {}
-        self._raw: dict[Path, tuple[int, dict[str, Any]]] = {}
-        for fname in _weight_files(directory):
-            path = directory / fname
-            if not path.is_file():
-                raise ValueError(f"weight file {str(path)!r} named by the index does not exist")
-            handle = stack.enter_context(safe_open(str(path), framework="numpy"))
-            for name in handle.keys():
-                if name in self.where:
-                    raise ValueError(f"tensor {name!r} appears in more than one weight file")
-                sl = handle.get_slice(name)
-                self.where[name] = handle
-                self.files[name] = path
-                self.shape[name] = tuple(int(d) for d in sl.get_shape())
-                self.dtype[name] = sl.get_dtype()
-
-    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
-        """Reads ``tensor[index]`` (basic slices) in the file's dtype."""
-        try:
-            return np.asarray(self.where[name].get_slice(name)[index])
-        except TypeError:
-            if self.dtype[name] != "BF16":
-                raise
-            # Older safetensors cannot give numpy bfloat16: read the raw bytes instead.
-            return np.array(self._read_raw(name)[index])  # a copy, not a file view
-
-    def _read_raw(self, name: str) -> np.ndarray:
-        path = self.files[name]
-        if path not in self._raw:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                self._raw[path] = (8 + n, json.loads(f.read(n)))
-        start, header = self._raw[path]
-        info = header[name]
-        begin, end = info["data_offsets"]
-        data = np.memmap(path, dtype=np.uint8, mode="r", offset=start + begin, shape=(end - begin,))
-        return data.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
 def _check_names(
-    reader: _TensorReader,
+    reader: hf_io.TensorReader,
     expected: dict[str, tuple[int, ...]],
-    config: LlamaConfig,
+    fam: ModelFamily,
+    config: Any,
     directory: Path,
 ) -> None:
     present = set(reader.shape)
-    ignored = {n for n in present if n.endswith(_IGNORED_SUFFIXES)}
+    ignored = {n for n in present if n.endswith(fam.ignored_tensor_suffixes)}
     if config.tie_word_embeddings:
-        ignored.add("lm_head.weight")  # a tied head some checkpoints store anyway
+        ignored.add(f"{fam.output_name}.weight")  # a tied head some checkpoints store anyway
     missing = sorted(set(expected) - present, key=_natural_key)
     unexpected = sorted(present - set(expected) - ignored, key=_natural_key)
     if missing or unexpected:
@@ -342,15 +203,15 @@ def _check_names(
                 f"tensor {name!r} in {str(reader.files[name])!r} has shape "
                 f"{reader.shape[name]}, expected {shape} from the config"
             )
-        if reader.dtype[name] not in _ST_DTYPES:
+        if reader.dtype[name] not in hf_io.ST_DTYPES:
             raise ValueError(
                 f"tensor {name!r} has dtype {reader.dtype[name]}; expected one of "
-                f"{sorted(_ST_DTYPES)}"
+                f"{sorted(hf_io.ST_DTYPES)}"
             )
 
 
 def _leaf_callback(
-    reader: _TensorReader,
+    reader: hf_io.TensorReader,
     names: list[tuple[str, bool]],
     stacked: bool,
     dtype: np.dtype,
@@ -378,11 +239,13 @@ def load_pretrained(
     scan_layers: bool = True,
     shardings: Any = None,
     **runtime: Any,
-) -> tuple[LlamaConfig, Params]:
-    """Loads a Hugging Face Llama/Mistral/Qwen2 checkpoint directory into our params tree.
+) -> tuple[Any, Params]:
+    """Loads a Hugging Face checkpoint directory (Llama, Mistral, Qwen2) into our params tree.
 
-    Only safetensors weights are read (``model.safetensors`` or a sharded
-    ``model.safetensors.index.json``); PyTorch pickles are refused.
+    The model family is chosen by the config's ``model_type``
+    (:data:`rslora_jax.models.families.FAMILIES`). Only safetensors weights are read
+    (``model.safetensors`` or a sharded ``model.safetensors.index.json``); PyTorch pickles are
+    refused.
 
     Args:
         directory: the checkpoint directory (config.json + safetensors).
@@ -393,10 +256,12 @@ def load_pretrained(
             params (or one Sharding for all leaves). Each array is assembled directly on its
             sharding from the slices each device needs; without it, every array goes to the
             default device.
-        **runtime: other runtime fields of :class:`LlamaConfig` (``remat``, ``attention_impl``).
+        **runtime: other runtime fields of the family's config (for
+            :class:`~rslora_jax.models.LlamaConfig`: ``remat``, ``attention_impl``).
 
     Returns:
-        ``(config, params)``.
+        ``(config, params)``: our config (a :class:`~rslora_jax.models.LlamaConfig` for the
+        Llama family) and the params.
 
     Raises:
         ValueError: unsupported model type, pickle-only directory, missing or unexpected
@@ -404,6 +269,7 @@ def load_pretrained(
 
     Example:
         >>> import tempfile
+        >>> from rslora_jax.models import LlamaConfig, init_params
         >>> tmp = tempfile.TemporaryDirectory()
         >>> cfg = LlamaConfig.tiny()
         >>> save_pretrained(tmp.name, init_params(cfg, jax.random.key(0)), cfg)
@@ -414,23 +280,24 @@ def load_pretrained(
     """
     path = Path(directory)
     hf_config = load_config(path)
+    fam = family(hf_config.model_type, "load_pretrained")
     param_dtype = jnp.dtype(param_dtype)
-    config = LlamaConfig.from_hf(
+    config = fam.from_hf(
         hf_config,
         dtype=param_dtype if dtype is None else dtype,
         param_dtype=param_dtype,
         scan_layers=scan_layers,
         **runtime,
     )
-    abstract = _abstract_params(config)
-    specs = _leaf_specs(abstract, scanned=scan_layers)
+    abstract = fam.abstract_params(config)
+    specs = _leaf_specs(fam, abstract, scanned=scan_layers)
     abstract_leaves = {
         _path_keys(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
     }
     expected: dict[str, tuple[int, ...]] = {}
     for keys, names in specs.items():
         shape = abstract_leaves[keys].shape
-        if scan_layers and keys[:2] == ("model", "layers"):
+        if fam.is_stacked(keys, scan_layers):
             shape = shape[1:]
         for name, transposed in names:
             expected[name] = tuple(reversed(shape)) if transposed else tuple(shape)
@@ -456,11 +323,11 @@ def load_pretrained(
                 )
 
     with contextlib.ExitStack() as stack:
-        reader = _TensorReader(path, stack)
-        _check_names(reader, expected, config, path)
+        reader = hf_io.TensorReader(_weight_files(path), stack)
+        _check_names(reader, expected, fam, config, path)
         arrays = []
         for (keys, leaf), sharding in zip(abstract_leaves.items(), sharding_leaves):
-            stacked = scan_layers and keys[:2] == ("model", "layers")
+            stacked = fam.is_stacked(keys, scan_layers)
             callback = _leaf_callback(reader, specs[keys], stacked, param_dtype)
             arrays.append(jax.make_array_from_callback(leaf.shape, sharding, callback))
     return config, jax.tree.unflatten(treedef, arrays)
@@ -498,66 +365,20 @@ def _find_lora_leaves(params: Any) -> list[str]:
     return found
 
 
-def _resolve_config(config: Any, scanned: bool) -> tuple[LlamaConfig, Any]:
+def _resolve_config(fam: ModelFamily, config: Any, scanned: bool) -> tuple[Any, Any]:
     """(our config with the tree's layout, the transformers config to write)."""
-    if isinstance(config, LlamaConfig):
-        return config.replace(scan_layers=scanned), config.to_hf()
-    if hasattr(config, "to_json_string") and hasattr(config, "model_type"):
-        ours = LlamaConfig.from_hf(config, scan_layers=scanned)
-        hf = copy.deepcopy(config)
-        if not getattr(hf, "architectures", None):
-            name = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[ours.model_type]
-            hf.architectures = [f"{name}ForCausalLM"]
-        return ours, hf
-    raise ValueError(
-        f"save_pretrained: config must be a rslora_jax LlamaConfig or a transformers config, "
-        f"got {type(config).__name__}"
-    )
+    ours = fam.config(config, scan_layers=scanned, where="save_pretrained")
+    if isinstance(config, fam.config_class):
+        return ours, config.to_hf()
+    hf = copy.deepcopy(config)
+    if not getattr(hf, "architectures", None):
+        hf.architectures = [fam.architecture(ours.model_type)]
+    return ours, hf
 
 
-def _target(real_dir: Path, name: str, who: str = "save_pretrained") -> Path:
-    """`real_dir / name`, refused if it is a symlink or not a regular file (`who` names the caller)."""
-    target = real_dir / name
-    if target.is_symlink() or (target.exists() and target.resolve().parent != real_dir):
-        raise ValueError(
-            f"{who}: {str(target)!r} is a symbolic link (to "
-            f"{str(target.resolve())!r}); refusing to write through it"
-        )
-    if target.exists() and not target.is_file():
-        raise ValueError(f"{who}: {str(target)!r} exists and is not a regular file")
-    return target
-
-
-def _write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    """Writes one safetensors file (PyTorch-style metadata)."""
-    from safetensors.numpy import save_file
-
-    save_file(tensors, path, metadata={"format": "pt"})
-    os.chmod(path, 0o666 & ~_umask())  # save_file recreates the file with mode 0600
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def _temp_file(real_dir: Path, name: str) -> Iterator[str]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=real_dir)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> the usual permissions of a new file
-    try:
-        yield tmp
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _is_weight_file(name: str) -> bool:
+    """Files a save owns: an earlier save's weights that this one does not write are dropped."""
+    return bool(_SHARD_RE.match(name)) or name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
 
 
 def save_pretrained(
@@ -572,29 +393,34 @@ def save_pretrained(
 
     The result (config.json, ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus
     ``model.safetensors.index.json``, PyTorch names and ``(out, in)`` layout) loads with
-    ``transformers.AutoModelForCausalLM.from_pretrained(directory)``. Every file is first written
-    to a temporary name in ``directory`` and moved into place with ``os.replace`` once all of
-    them are complete, so a failed save leaves the files that were there intact. Files of an
-    earlier save that the new one does not use (old shards, index) are removed afterwards.
+    ``transformers.AutoModelForCausalLM.from_pretrained(directory)``. The files are written into
+    a new directory next to ``directory``, which then replaces ``directory`` in one step
+    (:func:`rslora_jax._files.staged_directory`): a reader, or a crash, sees either the old
+    save or the new one complete, and a failed save leaves the old directory intact. Other
+    files already in ``directory`` (a tokenizer, a README) are kept; weight files of an earlier
+    save that this one does not write (old shards, index) are not.
 
     Args:
-        directory: target directory (created if missing). Nothing is written outside it:
-            existing symbolic links at the target names are refused.
+        directory: target directory (created if missing; its parent must be writable).
+            Symbolic links at the target file names are refused.
         params: plain params, scanned or not (the layout is detected). Adapter leaves
             (``lora_*``) are refused: merge them first. Arrays must be fully addressable
             from this process (in multi-host runs, gather them and save from one process).
-        config: our :class:`LlamaConfig`, or a transformers config (e.g. from
-            :func:`load_config`, which keeps token ids and other fields).
+        config: our model config (e.g. :class:`~rslora_jax.models.LlamaConfig`), or a
+            transformers config (e.g. from :func:`load_config`, which keeps token ids and other
+            fields).
         max_shard_size: largest shard in bytes, or a string like ``"2GB"`` (10^9) or
             ``"500MiB"`` (2^20). A tensor larger than this gets a shard of its own.
         dtype: dtype to store; None keeps each array's dtype.
 
     Raises:
         ValueError: adapter leaves, params that do not match the config, a bad shard size,
-            or a target path that is a symbolic link.
+            a target file name that is a symbolic link, or a ``directory`` that is a file or
+            the current working directory.
 
     Example:
         >>> import tempfile
+        >>> from rslora_jax.models import LlamaConfig, init_params
         >>> tmp = tempfile.TemporaryDirectory()
         >>> cfg = LlamaConfig.tiny()
         >>> save_pretrained(tmp.name, init_params(cfg, jax.random.key(0)), cfg, dtype="bfloat16")
@@ -610,17 +436,14 @@ def save_pretrained(
         )
     limit = _parse_size(max_shard_size)
     out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    if out_dtype is not None and out_dtype not in _NP_TO_ST:
+    if out_dtype is not None and out_dtype not in hf_io.NP_TO_ST:
         raise ValueError(f"save_pretrained: dtype={dtype!r} must be float32/float16/bfloat16")
-    try:
-        layers = params["model"]["layers"]
-    except (KeyError, TypeError) as e:
-        raise ValueError("save_pretrained: params have no 'model/layers' entry") from e
-    scanned = not (layers and all(str(k).isdigit() for k in layers))
-    ours, hf_config = _resolve_config(config, scanned)
+    fam = family_of(config, "save_pretrained")
+    scanned = fam.is_scanned(params, "save_pretrained")
+    ours, hf_config = _resolve_config(fam, config, scanned)
 
     # Validate the tree against the config: structure and every shape.
-    abstract = _abstract_params(ours)
+    abstract = fam.abstract_params(ours)
     expected = {
         _path_keys(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
     }
@@ -640,18 +463,18 @@ def save_pretrained(
                 f"{expected[keys].shape} from the config"
             )
         leaf_dtype = np.dtype(getattr(leaf, "dtype", np.float32))
-        if out_dtype is None and leaf_dtype not in _NP_TO_ST:
+        if out_dtype is None and leaf_dtype not in hf_io.NP_TO_ST:
             raise ValueError(
                 f"save_pretrained: {'/'.join(keys)!r} has dtype {leaf_dtype}; pass dtype="
             )
 
     # One entry per HF tensor: name -> (getter, nbytes).
-    specs = _leaf_specs(abstract, scanned)
+    specs = _leaf_specs(fam, abstract, scanned)
     tensors: dict[str, tuple[Callable[[], np.ndarray], int]] = {}
     for keys, names in specs.items():
         leaf = given[keys]
         leaf_dtype = np.dtype(leaf.dtype) if out_dtype is None else out_dtype
-        stacked = scanned and keys[:2] == ("model", "layers")
+        stacked = fam.is_stacked(keys, scanned)
         for i, (name, transposed) in enumerate(names):
             shape = expected[keys].shape[1:] if stacked else expected[keys].shape
 
@@ -689,24 +512,20 @@ def save_pretrained(
     # The config to write: record the stored dtype.
     first = given[("model", "embed_tokens", "embedding")]
     stored = np.dtype(first.dtype) if out_dtype is None else out_dtype
-    hf_config.dtype = _HF_DTYPE_NAMES.get(stored, "float32")
+    hf_config.dtype = hf_io.HF_DTYPE_NAMES.get(stored, "float32")
     config_json = hf_config.to_json_string(use_diff=True)
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    real_dir = directory.resolve()
-    if not real_dir.is_dir():
-        raise ValueError(f"save_pretrained: {str(directory)!r} is not a directory")
+    real_dir = Path(directory).resolve()
     names = [*shard_names, CONFIG_NAME] + ([SAFE_WEIGHTS_INDEX_NAME] if n > 1 else [])
-    targets = {name: _target(real_dir, name) for name in names}
+    if real_dir.is_dir():
+        for name in names:
+            _files.check_target(real_dir, name, "save_pretrained")
 
-    with contextlib.ExitStack() as stack:
-        written: dict[str, str] = {}
+    with _files.staged_directory(
+        directory, carry=lambda name: not _is_weight_file(name), who="save_pretrained"
+    ) as staging:
         for fname, members in zip(shard_names, shards):
-            tmp = stack.enter_context(_temp_file(real_dir, fname))
-            _write_safetensors(tmp, {name: tensors[name][0]() for name in members})
-            _fsync(tmp)
-            written[fname] = tmp
+            hf_io.write_safetensors(staging / fname, {name: tensors[name][0]() for name in members})
         if n > 1:
             index = {
                 "metadata": {"total_size": total},
@@ -714,28 +533,11 @@ def save_pretrained(
                     name: fname for fname, members in zip(shard_names, shards) for name in members
                 },
             }
-            tmp = stack.enter_context(_temp_file(real_dir, SAFE_WEIGHTS_INDEX_NAME))
-            with open(tmp, "w", encoding="utf-8") as f:
+            with open(staging / SAFE_WEIGHTS_INDEX_NAME, "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
                 f.write("\n")
-            written[SAFE_WEIGHTS_INDEX_NAME] = tmp
-        tmp = stack.enter_context(_temp_file(real_dir, CONFIG_NAME))
-        with open(tmp, "w", encoding="utf-8") as f:
+        with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
             f.write(config_json)
-        written[CONFIG_NAME] = tmp
-        # Every file is complete: move them into place (weights, then index, then config).
-        for fname in names:
-            os.replace(written[fname], targets[fname])
-
-    # Remove weight files of an earlier save that this one does not use.
-    keep = set(names)
-    for entry in real_dir.iterdir():
-        stale = entry.name not in keep and (
-            _SHARD_RE.match(entry.name)
-            or entry.name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
-        )
-        if stale and (entry.is_file() or entry.is_symlink()):
-            entry.unlink()
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """PEFT-format LoRA adapters in and out: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-`export_peft` writes the adapters of a Llama-family params tree so that Hugging Face PEFT
+`export_peft` writes the adapters of a params tree so that Hugging Face PEFT
 (``PeftModel.from_pretrained(transformers_model, directory)``) computes the same logits as our
 forward pass; `import_peft` reads an adapter trained with PEFT on PyTorch into our tree.
 
@@ -23,9 +23,16 @@ module; the import computes PEFT's per-module values and writes them back as pat
 '/' paths. An ``adapter_config.json`` without ``use_rslora`` was written by a PEFT version older
 than rsLoRA, so it is read as PEFT reads it (``alpha / r``), with a `PeftFormatWarning`.
 
-Extending to other adapter kinds: `LEAVES` maps our leaf names to PEFT key suffixes and says how
-to convert them (transposed or not, expected shapes, when required); a new kind that PEFT stores
-per module needs one entry there.
+PEFT's own config rules (which modules a config selects, rank/alpha patterns, refused options)
+are in :mod:`rslora_jax.hf._peft_rules`. The format is model-independent: the model side is the family's map between our module paths
+and HF module names with the kernels' shapes (:meth:`ModelFamily.linear_modules
+<rslora_jax.models.families.ModelFamily.linear_modules>`), looked up by the model config's
+``model_type``.
+
+What depends on the adapter method (LoRA, DoRA, PiSSA/OLoRA initialisation, RaSA) is gathered
+in the section "Adapter methods" below: `LEAVES` maps our leaf names to PEFT key suffixes and
+says how to convert them (transposed or not, expected shapes, when required); a new kind that
+PEFT stores per module needs one entry there.
 
 transformers, torch and peft are not imported: this module reads and writes JSON and safetensors.
 """
@@ -37,7 +44,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,9 +51,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from rslora_jax import _files
 from rslora_jax._types import Params
 from rslora_jax.adapters import (
     KERNEL,
@@ -58,8 +64,10 @@ from rslora_jax.adapters import (
     join_path,
 )
 from rslora_jax.config import LoraConfig
-from rslora_jax.hf.checkpoint import _target, _umask, _write_safetensors, hf_module_name
-from rslora_jax.models.llama import LlamaConfig, init_params
+from rslora_jax.hf import _peft_rules as rules
+from rslora_jax.hf import io as hf_io
+from rslora_jax.hf._peft_rules import PeftFormatWarning
+from rslora_jax.models.families import LinearModule, ModelFamily, family_of
 from rslora_jax.variants import MAGNITUDE
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -72,45 +80,14 @@ PEFT_PREFIX = "base_model.model."
 PEFT_FORMAT_VERSION = "0.21.2"
 PEFT_TASK_TYPES = (None, "CAUSAL_LM")
 _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-_ST_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-}
-_WRITE_DTYPES = frozenset(np.dtype(d) for d in _ST_DTYPES.values())
-_LAYERS = ("model", "layers")
-_EMBEDDING_NAME = "model.embed_tokens"
-_OUTPUT_NAME = "lm_head"
-# init_lora_weights values whose saved factors are plain LoRA factors on the unchanged base.
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
-# init_lora_weights values with which PEFT changes the base weights when it loads the adapter.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-# adapter_config.json fields that change what the adapter computes and that we do not
-# implement: importing refuses any value other than the neutral one.
-_NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "bias": ("none",),
-    "fan_in_fan_out": (False, None),
-    "lora_bias": (False, None),
-    "use_qalora": (False, None),
-    "layer_replication": (None, []),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None, [], {}),
-    "alora_invocation_tokens": (None, []),
-    "use_bdlora": (None, False),
-    "arrow_config": (None,),
-    "kasa_config": (None,),
-    "monteclora_config": (None,),
-    "velora_config": (None,),
-    "megatron_config": (None,),
-}
 
 
-class PeftFormatWarning(UserWarning):
-    """An adapter file is readable but relies on a default that may not be what was meant."""
+# ============================================================================ adapter methods
+# Everything that depends on the adapter method (LoRA/rsLoRA, DoRA, PiSSA/OLoRA initialisation,
+# RaSA) is in this section; the rest of the module is method-independent. To be replaced by the
+# method protocol (each method declaring its PEFT leaf names).
 
 
-# ---------------------------------------------------------------------------- leaf mapping
 @dataclasses.dataclass(frozen=True)
 class LeafSpec:
     """How one of our adapter leaves is stored in a PEFT file.
@@ -163,146 +140,89 @@ def _leaves_for(config: LoraConfig) -> tuple[LeafSpec, ...]:
     return tuple(spec for spec in LEAVES if spec.required(config))
 
 
-# ---------------------------------------------------------------------------- model side
-@dataclasses.dataclass(frozen=True)
-class _Module:
-    """A Linear module of the model: our path, its HF names (one per stacked layer), features."""
-
-    path: str
-    names: tuple[str, ...]
-    d_in: int
-    d_out: int
-    stacked: bool
+# init_lora_weights values whose saved factors are plain LoRA factors on the unchanged base.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+# init_lora_weights values with which PEFT changes the base weights when it loads the adapter.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-def _is_scanned(params: Any, where: str) -> bool:
-    try:
-        layers = params["model"]["layers"]
-    except (KeyError, TypeError):
-        raise ValueError(f"{where}: params have no 'model/layers' entry") from None
-    if not isinstance(layers, Mapping) or not layers:
-        raise ValueError(f"{where}: 'model/layers' is not a non-empty dict")
-    return not all(str(k).isdigit() for k in layers)
-
-
-def _llama_config(model_config: Any, scanned: bool, where: str) -> LlamaConfig:
-    if isinstance(model_config, LlamaConfig):
-        return model_config.replace(scan_layers=scanned)
-    if hasattr(model_config, "to_json_string") and hasattr(model_config, "model_type"):
-        return LlamaConfig.from_hf(model_config, scan_layers=scanned)
-    raise ValueError(
-        f"{where}: model_config must be a rslora_jax LlamaConfig or a transformers config, got "
-        f"{type(model_config).__name__}"
-    )
-
-
-def _base_modules(params: Params, config: LlamaConfig, where: str) -> dict[str, _Module]:
-    """The model's Linear modules, checked against `config` (names, kernel shapes)."""
-    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
-    expected = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(abstract)}
-    given = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(params)}
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        raise ValueError(
-            f"{where}: the params' kernels do not match the {config.model_type} model config: "
-            f"missing {missing[:10]}, unexpected {unexpected[:10]}"
-        )
-    modules = {}
-    for path, shape in given.items():
-        if shape != expected[path]:
-            raise ValueError(
-                f"{where}: kernel at {path!r} has shape {shape}, expected {expected[path]} from "
-                "the model config"
-            )
-        stacked = config.scan_layers and tuple(path.split("/")[:2]) == _LAYERS
-        if stacked:
-            names = tuple(hf_module_name(path, i) for i in range(shape[0]))
-            d_in, d_out = shape[1:]
-        else:
-            names = (hf_module_name(path),)
-            d_in, d_out = shape
-        modules[path] = _Module(path, names, int(d_in), int(d_out), stacked)
-    return modules
-
-
-def _last(name: str, sep: str) -> str:
-    return name.rsplit(sep, 1)[-1]
-
-
-def _patterns(
-    values: Mapping[str, Any], default: Any, sep: str, all_names: Sequence[str]
-) -> dict[str, Any]:
-    """Pattern dict that gives ``values[name]`` for every name under PEFT's suffix rule.
-
-    Names are grouped by their last component: a group whose members all have the same
-    non-default value gets one key (the component, e.g. ``v_proj``); otherwise each member that
-    differs from `default` gets a key matching exactly its full name. `all_names` are all names
-    the patterns may be applied to (only the adapted ones here).
-    """
-    groups: dict[str, list[str]] = {}
-    for name in all_names:
-        groups.setdefault(_last(name, sep), []).append(name)
-    out: dict[str, Any] = {}
-    for component in sorted(groups):
-        members = groups[component]
-        vals = {values[n] for n in members}
-        if len(vals) == 1:
-            (val,) = vals
-            if val != default:
-                out[re.escape(component)] = val
-            continue
-        for name in members:
-            if values[name] != default:
-                out[re.escape(name)] = values[name]
-    return out
-
-
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule (``peft.utils.other.get_pattern_key``): the first key that matches a suffix."""
-    for key, val in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return val
-    return default
-
-
-def _number(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else float(x)
-
-
-# ---------------------------------------------------------------------------- file writing
-def _write_atomically(directory: str | os.PathLike[str], writers: dict[str, Callable]) -> None:
-    """Writes each file under a temporary name in `directory`, then moves all into place."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    real = directory.resolve()
-    targets = {name: _target(real, name, "export_peft") for name in writers}
-    temps: dict[str, str] = {}
-    try:
-        for name, write in writers.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=real)
-            os.close(fd)
-            temps[name] = tmp
-            write(tmp)
-            # After writing: safetensors' save_file recreates the file with mode 0600.
-            os.chmod(tmp, 0o666 & ~_umask())
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        for name in writers:  # weights first, then the config that announces them
-            os.replace(temps[name], targets[name])
-    finally:
-        for tmp in temps.values():
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-# ---------------------------------------------------------------------------- export
 def _init_to_peft(init: str) -> bool | str:
     if init == "kaiming_uniform":
         return True
     return init  # "gaussian", "pissa", "pissa_niter_<n>", "olora": PEFT's own names
 
 
+def _refuse_without_peft_format(lora_config: LoraConfig, params: Any, where: str) -> None:
+    """Methods that have no PEFT format (RaSA)."""
+    if lora_config.rasa or (isinstance(params, Mapping) and "lora_shared" in params):
+        raise ValueError(
+            f"{where}: RaSA adapters (rank-shared pools) have no PEFT format; merge them "
+            "(rslora_jax.merge) and export the merged model with rslora_jax.hf.save_pretrained"
+        )
+
+
+def _method_to_peft(lora_config: LoraConfig) -> dict[str, Any]:
+    """The adapter_config.json fields that record the method and its initialisation."""
+    return {
+        "init_lora_weights": _init_to_peft(lora_config.init),
+        "use_dora": lora_config.use_dora,
+    }
+
+
+def _check_method_options(meta: Mapping[str, Any], where: str) -> None:
+    """Refuses method fields of an adapter_config.json that import_peft cannot honour."""
+    init = meta.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{where} has init_lora_weights={init!r}: PEFT recomputes a residual base from the base "
+            "weights when it loads such an adapter, which import_peft does not do. Convert it to "
+            "a plain LoRA adapter with PEFT (save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=...)) and import that"
+        )
+    if init not in _PLAIN_INITS:
+        raise ValueError(f"{where} has an unknown init_lora_weights={init!r}")
+    if not isinstance(meta.get("use_dora", False), bool):
+        raise ValueError(f"{where}: use_dora={meta['use_dora']!r} must be true or false")
+
+
+def _method_from_peft(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """LoraConfig fields for the method and initialisation an adapter_config.json records."""
+    init = meta.get("init_lora_weights", True)
+    return {
+        "init": "gaussian" if init == "gaussian" else "kaiming_uniform",
+        "use_dora": bool(meta.get("use_dora", False)),
+    }
+
+
+# ============================================================================ end of methods
+
+
+# ---------------------------------------------------------------------------- model side
+def _base_modules(
+    fam: ModelFamily, params: Params, config: Any, where: str
+) -> dict[str, LinearModule]:
+    """The model's Linear modules, checked against `config` (names, kernel shapes)."""
+    modules = fam.linear_modules(config)
+    given = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(params)}
+    missing = sorted(set(modules) - set(given))
+    unexpected = sorted(set(given) - set(modules))
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: the params' kernels do not match the {config.model_type} model config: "
+            f"missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
+    for path, shape in given.items():
+        m = modules[path]
+        expected = ((len(m.names),) if m.stacked else ()) + (m.d_in, m.d_out)
+        if shape != expected:
+            raise ValueError(
+                f"{where}: kernel at {path!r} has shape {shape}, expected {expected} from "
+                "the model config"
+            )
+    return modules
+
+
+# ---------------------------------------------------------------------------- export
 def export_peft(
     directory: str | os.PathLike[str],
     params: Params,
@@ -330,16 +250,18 @@ def export_peft(
     (pre-PiSSA) base model, not onto the residual. For ``"pissa_niter_<n>"``, PEFT's randomized
     SVD draws other numbers than ours, so that residual differs slightly.
 
-    Both files are first written under temporary names inside `directory` and moved into place
-    with ``os.replace`` once both are complete; nothing is written outside `directory` (symbolic
-    links at the target names are refused).
+    Both files are written into a new directory next to `directory`, which then replaces
+    `directory` in one step (:func:`rslora_jax._files.staged_directory`): a reader sees the old
+    adapter or the new one, never new factors with an old ``lora_alpha``. Other files already in
+    `directory` are kept; symbolic links at the two target names are refused.
 
     Args:
-      directory: target directory (created if missing).
+      directory: target directory (created if missing; its parent must be writable).
       params: our params tree with adapters (``lora_a``/``lora_b``, and ``lora_magnitude`` with
         DoRA), layers scanned (stacked on a leading axis) or not (``model/layers/<i>``).
       lora_config: the adapters' config (ranks, alphas, scaling).
-      model_config: our `LlamaConfig` or a transformers config of the base model. The layout
+      model_config: our model config (e.g. `LlamaConfig`) or a transformers config of the base
+        model; its ``model_type`` selects the model family (the module-name map). The layout
         (scanned or not) is read off `params`.
       base_model_name_or_path: recorded in the config (PEFT's field); default: the
         transformers config's ``name_or_path`` if there is one, else None.
@@ -370,21 +292,18 @@ def export_peft(
     where = "export_peft"
     if not isinstance(lora_config, LoraConfig):
         raise ValueError(f"{where}: lora_config must be a LoraConfig, got {type(lora_config)}")
-    if lora_config.rasa or (isinstance(params, Mapping) and "lora_shared" in params):
-        raise ValueError(
-            f"{where}: RaSA adapters (rank-shared pools) have no PEFT format; merge them "
-            "(rslora_jax.merge) and export the merged model with rslora_jax.hf.save_pretrained"
-        )
+    _refuse_without_peft_format(lora_config, params, where)
     if task_type not in PEFT_TASK_TYPES:
         raise ValueError(f"{where}: task_type={task_type!r} must be one of {PEFT_TASK_TYPES}")
     out_dtype = None
     if dtype is not None:
         out_dtype = np.dtype(jnp.dtype(dtype))
-        if out_dtype not in _WRITE_DTYPES:
+        if out_dtype not in hf_io.NP_TO_ST:
             raise ValueError(f"{where}: dtype={dtype!r} must be float32, float16 or bfloat16")
-    scanned = _is_scanned(params, where)
-    model_cfg = _llama_config(model_config, scanned, where)
-    modules = _base_modules(params, model_cfg, where)
+    fam = family_of(model_config, where)
+    scanned = fam.is_scanned(params, where)
+    model_cfg = fam.config(model_config, scan_layers=scanned, where=where)
+    modules = _base_modules(fam, params, model_cfg, where)
     holders = adapted_holders(params)
     if not holders:
         raise ValueError(f"{where}: params hold no adapters (no dict with 'lora_a')")
@@ -428,7 +347,7 @@ def export_peft(
                     f"{(*stack, module.d_in, module.d_out)} at rank {r}"
                 )
             arr = np.asarray(jax.device_get(holder[spec.ours]))
-            if out_dtype is None and arr.dtype not in _WRITE_DTYPES:
+            if out_dtype is None and arr.dtype not in hf_io.NP_TO_ST:
                 raise ValueError(
                     f"{where}: {path}/{spec.ours} has dtype {arr.dtype}; pass dtype=float32"
                 )
@@ -442,7 +361,7 @@ def export_peft(
                 tensors[f"{PEFT_PREFIX}{name}.{spec.peft}"] = np.ascontiguousarray(x, dtype=dt)
 
     adapted_names = [n for p in sorted(adapted_paths) for n in modules[p].names]
-    if base_model_name_or_path is None and not isinstance(model_config, LlamaConfig):
+    if base_model_name_or_path is None and not isinstance(model_config, fam.config_class):
         base_model_name_or_path = getattr(model_config, "name_or_path", None) or None
     config_dict = {
         "peft_type": "LORA",
@@ -453,20 +372,19 @@ def export_peft(
         "peft_version": PEFT_FORMAT_VERSION,
         "inference_mode": True,
         "r": lora_config.rank,
-        "lora_alpha": _number(lora_config.alpha),
+        "lora_alpha": rules.number(lora_config.alpha),
         "use_rslora": lora_config.scaling == "rslora",
-        "target_modules": _target_modules(modules, adapted_paths),
+        "target_modules": rules.target_modules(modules, adapted_paths),
         "exclude_modules": None,
-        "rank_pattern": _patterns(ranks, lora_config.rank, ".", adapted_names),
+        "rank_pattern": rules.patterns(ranks, lora_config.rank, ".", adapted_names),
         "alpha_pattern": {
-            k: _number(v)
-            for k, v in _patterns(alphas, lora_config.alpha, ".", adapted_names).items()
+            k: rules.number(v)
+            for k, v in rules.patterns(alphas, lora_config.alpha, ".", adapted_names).items()
         },
         "lora_dropout": lora_config.dropout,
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": _init_to_peft(lora_config.init),
-        "use_dora": lora_config.use_dora,
+        **_method_to_peft(lora_config),
         "lora_bias": False,
         "modules_to_save": None,
         "layers_to_transform": None,
@@ -479,29 +397,24 @@ def export_peft(
         "loftq_config": {},
     }
     if task_type is None:  # what PEFT writes for AutoPeftModel without a task type
-        family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[model_cfg.model_type]
         config_dict["auto_mapping"] = {
-            "base_model_class": f"{family}ForCausalLM",
+            "base_model_class": fam.architecture(model_cfg.model_type),
             "parent_library": f"transformers.models.{model_cfg.model_type}.modeling_"
             f"{model_cfg.model_type}",
         }
     text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
 
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _write_atomically(
-        directory,
-        {
-            ADAPTER_WEIGHTS_NAME: lambda tmp: _write_safetensors(tmp, tensors),
-            ADAPTER_CONFIG_NAME: write_config,
-        },
-    )
+    real_dir = Path(directory).resolve()
+    if real_dir.is_dir():
+        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
+            _files.check_target(real_dir, name, where)
+    with _files.staged_directory(directory, who=where) as staging:
+        hf_io.write_safetensors(staging / ADAPTER_WEIGHTS_NAME, tensors)
+        (staging / ADAPTER_CONFIG_NAME).write_text(text, encoding="utf-8")
 
 
-def _check_export_axes(config: LoraConfig, path: str, kernel: Any, module: _Module) -> None:
-    """The config's axis roles for this kernel, if it states them, must be Llama's Linear ones."""
+def _check_export_axes(config: LoraConfig, path: str, kernel: Any, module: LinearModule) -> None:
+    """The config's axis roles for this kernel, if it states them, must be a Linear's ones."""
     try:
         axes = config.axes_for(path, kernel.shape)
     except ValueError:
@@ -510,159 +423,12 @@ def _check_export_axes(config: LoraConfig, path: str, kernel: Any, module: _Modu
     if axes != expected:
         raise ValueError(
             f"export_peft: LoraConfig gives kernel axes {axes!r} for {path!r} (kernel "
-            f"{tuple(kernel.shape)}), but this Llama kernel is {expected!r}; PEFT's factors would "
+            f"{tuple(kernel.shape)}), but this Linear kernel is {expected!r}; PEFT's factors would "
             "be laid out wrongly"
         )
 
 
-def _target_modules(modules: Mapping[str, _Module], adapted: set[str]) -> list[str] | str:
-    """PEFT's target_modules: last name components, or an exact regex if those over-match."""
-    components = sorted({_last(modules[p].names[0], ".") for p in adapted})
-    selected = {p for p, m in modules.items() if _last(m.names[0], ".") in components}
-    if selected == adapted:
-        return components
-    parts = [re.escape(name) for path in sorted(adapted) for name in modules[path].names]
-    return "(?:" + "|".join(parts) + ")"
-
-
 # ---------------------------------------------------------------------------- import
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"import_peft: {str(path)!r} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"import_peft: {str(path)!r} does not hold a JSON object")
-    return data
-
-
-def _check_options(meta: Mapping[str, Any], path: Path, strict: bool) -> None:
-    where = f"import_peft: {str(path)!r}"
-    if meta.get("peft_type") != "LORA":
-        raise ValueError(
-            f"{where} has peft_type={meta.get('peft_type')!r}; only 'LORA' adapters are supported"
-        )
-    for field, neutral in _NEUTRAL_OPTIONS.items():
-        if field in meta and meta[field] not in neutral:
-            raise ValueError(
-                f"{where} sets {field}={meta[field]!r}, which rslora_jax does not implement "
-                f"(supported: {neutral[0]!r})"
-            )
-    to_save = meta.get("modules_to_save")
-    if to_save not in (None, []):
-        if strict:
-            raise ValueError(
-                f"{where} sets modules_to_save={to_save!r}: full copies of modules are not "
-                "supported (pass strict=False to ignore them, which changes the outputs)"
-            )
-        warnings.warn(
-            f"{where}: ignoring modules_to_save={to_save!r} (strict=False)",
-            PeftFormatWarning,
-            stacklevel=3,
-        )
-    init = meta.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise ValueError(
-            f"{where} has init_lora_weights={init!r}: PEFT recomputes a residual base from the base "
-            "weights when it loads such an adapter, which import_peft does not do. Convert it to "
-            "a plain LoRA adapter with PEFT (save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...)) and import that"
-        )
-    if init not in _PLAIN_INITS:
-        raise ValueError(f"{where} has an unknown init_lora_weights={init!r}")
-    r = meta.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{where}: r={r!r} must be a positive int")
-    alpha = meta.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"{where}: lora_alpha={alpha!r} must be a positive number")
-    if "use_rslora" in meta and not isinstance(meta["use_rslora"], bool):
-        raise ValueError(f"{where}: use_rslora={meta['use_rslora']!r} must be true or false")
-    if not isinstance(meta.get("use_dora", False), bool):
-        raise ValueError(f"{where}: use_dora={meta['use_dora']!r} must be true or false")
-    for field in ("rank_pattern", "alpha_pattern"):
-        pats = meta.get(field) or {}
-        if not isinstance(pats, dict):
-            raise ValueError(f"{where}: {field}={pats!r} must be a dict of regex -> value")
-        for key, val in pats.items():
-            try:
-                re.compile(key)
-            except re.error as err:
-                raise ValueError(f"{where}: {field} key {key!r} is not a regex: {err}") from None
-            kind = int if field == "rank_pattern" else (int, float)
-            if isinstance(val, bool) or not isinstance(val, kind) or not val > 0:
-                raise ValueError(f"{where}: {field}[{key!r}]={val!r} is not a valid value")
-    if meta.get("target_modules") is None:
-        raise ValueError(f"{where} has no target_modules")
-
-
-def _peft_selects(meta: Mapping[str, Any], name: str, linear_names: Sequence[str]) -> bool:
-    """PEFT's target rule (``peft.tuners.tuners_utils.check_target_module_exists``)."""
-    exclude = meta.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, name):
-                return False
-        elif name in exclude or any(name.endswith(f".{e}") for e in exclude):
-            return False
-    target = meta.get("target_modules")
-    if isinstance(target, str) and target.lower() == "all-linear":
-        # Expanded by PEFT into the last components of every Linear but the output layer.
-        target = sorted({_last(n, ".") for n in linear_names if n != _OUTPUT_NAME})
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    if name in target:
-        return True
-    found = any(name.endswith(f".{t}") for t in target)
-    indexes = meta.get("layers_to_transform")
-    if indexes is None or indexes == [] or not found:
-        return found
-    pattern = meta.get("layers_pattern")
-    match = None
-    if not pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        for pat in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
-            if match is not None:
-                break
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == indexes if isinstance(indexes, int) else index in indexes
-
-
-def _read_tensor(handle: Any, name: str, file: Path) -> np.ndarray:
-    try:
-        return np.asarray(handle.get_tensor(name))
-    except TypeError:  # older safetensors cannot give numpy bfloat16: read the bytes
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            info = header[name]
-            begin, end = info["data_offsets"]
-            f.seek(8 + n + begin)
-            data = f.read(end - begin)
-        dt = _ST_DTYPES[info["dtype"]]
-        return np.frombuffer(data, dtype=dt).reshape(info["shape"]).copy()
-
-
-def _our_patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
-    return _patterns(values, default, "/", sorted(values))
-
-
-def _our_targets(adapted: set[str], meta: Mapping[str, Any], all_paths: Sequence[str]) -> Any:
-    """A LoraConfig.targets that selects exactly `adapted` (PEFT's list if it does)."""
-    target = meta.get("target_modules")
-    if isinstance(target, list) and not meta.get("exclude_modules"):
-        names = tuple(sorted(t.replace(".", "/") for t in target))
-        probe = LoraConfig(targets=names)
-        if {p for p in all_paths if probe.is_target(p, None)} == adapted:
-            return names
-    return "(?:" + "|".join(re.escape(p) for p in sorted(adapted)) + ")"
-
-
 def import_peft(
     directory: str | os.PathLike[str],
     params: Params,
@@ -734,6 +500,7 @@ def import_peft(
     """
     where = "import_peft"
     path = Path(directory)
+    _files.recover_directory(path)
     config_file = path / ADAPTER_CONFIG_NAME
     weights_file = path / ADAPTER_WEIGHTS_NAME
     if not config_file.is_file():
@@ -747,8 +514,9 @@ def import_peft(
                 "adapter with PEFT's save_pretrained(..., safe_serialization=True)"
             )
         raise ValueError(f"{where}: {str(path)!r} has no {ADAPTER_WEIGHTS_NAME}")
-    meta = _read_json(config_file)
-    _check_options(meta, config_file, strict)
+    meta = hf_io.read_json(config_file, where)
+    rules.check_options(meta, config_file, strict)
+    _check_method_options(meta, f"{where}: {str(config_file)!r}")
     if expected_base_model is not None and meta.get("base_model_name_or_path") != (
         expected_base_model
     ):
@@ -764,7 +532,7 @@ def import_peft(
             stacklevel=2,
         )
     use_rslora = bool(meta.get("use_rslora", False))
-    use_dora = bool(meta.get("use_dora", False))
+    method = _method_from_peft(meta)
     r_default = int(meta["r"])
     alpha_default = float(meta.get("lora_alpha", 8))
     rank_pattern = meta.get("rank_pattern") or {}
@@ -772,36 +540,36 @@ def import_peft(
 
     if any(is_adapter_key(k) for k in _all_keys(params)):
         raise ValueError(f"{where}: params already hold adapter leaves; pass the base tree")
-    scanned = _is_scanned(params, where)
-    model_cfg = _llama_config(model_config, scanned, where)
-    modules = _base_modules(params, model_cfg, where)
+    fam = family_of(model_config, where)
+    scanned = fam.is_scanned(params, where)
+    model_cfg = fam.config(model_config, scan_layers=scanned, where=where)
+    modules = _base_modules(fam, params, model_cfg, where)
     by_name = {name: (m, i) for m in modules.values() for i, name in enumerate(m.names)}
     linear_names = list(by_name)
+    all_linear = fam.all_linear(linear_names)
 
     # Modules PEFT adapts, per its config.
-    unsupported = [_EMBEDDING_NAME] + ([_OUTPUT_NAME] if model_cfg.tie_word_embeddings else [])
-    for name in unsupported:
-        if _peft_selects(meta, name, linear_names):
-            what = "the token embedding" if name == _EMBEDDING_NAME else "the tied lm_head"
+    unsupported = {fam.embedding_name: "the token embedding"}
+    if model_cfg.tie_word_embeddings:
+        unsupported[fam.output_name] = f"the tied {fam.output_name}"
+    for name, what in unsupported.items():
+        if rules.peft_selects(meta, name, all_linear):
             raise ValueError(
                 f"{where}: {str(config_file)!r} (target_modules={meta.get('target_modules')!r}) "
                 f"adapts {name!r}, {what}; LoRA there is not supported"
             )
-    targeted = [n for n in linear_names if _peft_selects(meta, n, linear_names)]
+    targeted = [n for n in linear_names if rules.peft_selects(meta, n, all_linear)]
     if not targeted:
         raise ValueError(
             f"{where}: target_modules={meta.get('target_modules')!r} selects no Linear module of "
             f"the base model (modules: {linear_names[:10]}...)"
         )
-    config_probe = LoraConfig(use_dora=use_dora)
-    specs = _leaves_for(config_probe)
+    specs = _leaves_for(LoraConfig(**method))
 
-    from safetensors import safe_open
-
-    with safe_open(str(weights_file), framework="numpy") as handle:
-        keys = list(handle.keys())
-        shapes = {k: tuple(int(d) for d in handle.get_slice(k).get_shape()) for k in keys}
-        dtypes = {k: handle.get_slice(k).get_dtype() for k in keys}
+    with contextlib.ExitStack() as stack:
+        reader = hf_io.TensorReader([weights_file], stack)
+        keys = list(reader.shape)
+        shapes, dtypes = reader.shape, reader.dtype
         prefixed = [k.startswith(PEFT_PREFIX) for k in keys]
         strip = len(PEFT_PREFIX) if keys and all(prefixed) else 0
         if any(prefixed) and not all(prefixed):
@@ -837,18 +605,18 @@ def import_peft(
             raise ValueError(f"{where}: {str(weights_file)!r} holds no usable adapter")
 
         # Shapes, ranks, dtypes: checked for every tensor before any is read.
-        ranks = {n: _pattern_value(rank_pattern, n, r_default) for n in loaded}
-        alphas = {n: float(_pattern_value(alpha_pattern, n, alpha_default)) for n in loaded}
+        ranks = {n: rules.pattern_value(rank_pattern, n, r_default) for n in loaded}
+        alphas = {n: float(rules.pattern_value(alpha_pattern, n, alpha_default)) for n in loaded}
         for name in loaded:
             module, _ = by_name[name]
             r = ranks[name]
             for spec in specs:
                 key = found[(name, spec.ours)]
                 _check_shape(key, shapes[key], spec, r, module, rank_pattern)
-                if dtypes[key] not in _ST_DTYPES:
+                if dtypes[key] not in hf_io.ST_DTYPES:
                     raise ValueError(
                         f"{where}: tensor {key!r} has dtype {dtypes[key]}; expected one of "
-                        f"{sorted(_ST_DTYPES)}"
+                        f"{sorted(hf_io.ST_DTYPES)}"
                     )
 
         # Group by our path (stacked modules: all layers must agree).
@@ -884,27 +652,22 @@ def import_peft(
             for k in p.split("/"):
                 node = node.setdefault(k, {})
             for spec in specs:
-                arrs = [
-                    spec.from_peft(_read_tensor(handle, found[(n, spec.ours)], weights_file))
-                    for n in names
-                ]
+                arrs = [spec.from_peft(reader.get(found[(n, spec.ours)])) for n in names]
                 arr = np.stack(arrs) if module.stacked else arrs[0]
                 node[spec.ours] = jnp.asarray(arr.astype(np_dtype))
 
     adapted = set(per_path)
-    init = meta.get("init_lora_weights", True)
     lora_config = LoraConfig(
         rank=r_default,
         alpha=alpha_default,
-        targets=_our_targets(adapted, meta, list(modules)),
+        targets=rules.our_targets(adapted, meta, list(modules)),
         scaling="rslora" if use_rslora else "lora",
-        rank_pattern=_our_patterns(path_rank, r_default),
-        alpha_pattern=_our_patterns(path_alpha, alpha_default),
-        init="gaussian" if init == "gaussian" else "kaiming_uniform",
+        rank_pattern=rules.our_patterns(path_rank, r_default),
+        alpha_pattern=rules.our_patterns(path_alpha, alpha_default),
         dropout=float(meta.get("lora_dropout", 0.0) or 0.0),
         dtype=dtype,
         kernel_axes="lio" if scanned else None,
-        use_dora=use_dora,
+        **method,
     )
     for p in adapted:  # the translation is exact (a cheap check of our own patterns)
         if lora_config.rank_for(p) != path_rank[p] or lora_config.alpha_for(p) != path_alpha[p]:
@@ -963,7 +726,7 @@ def _check_shape(
     shape: tuple[int, ...],
     spec: LeafSpec,
     r: int,
-    module: _Module,
+    module: LinearModule,
     rank_pattern: Mapping[str, Any],
 ) -> None:
     want = spec.shape(r, module.d_in, module.d_out)

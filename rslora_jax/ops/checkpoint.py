@@ -4,8 +4,9 @@ Only adapter leaves are written; the base is never duplicated. Each checkpoint c
 manifest (adapter paths, shapes, dtypes, the kernel shape each adapter belongs to, the
 `LoraConfig`), checked against the base before any array is read, so restoring into a model whose
 paths or shapes differ fails with a clear error. Writes are atomic: orbax writes into a temporary
-directory and renames it when complete, and `save_adapters` swaps a finished directory into place,
-so an interrupted save never damages the last good checkpoint.
+directory and renames it when complete, and `save_adapters` swaps a finished directory into place
+in one step (`rslora_jax._files.swap_directory`), so an interrupted save never damages the last
+good checkpoint and a reader never sees a mix of two.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rslora_jax import _files
 from rslora_jax._types import PyTree
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.tree import KERNEL, combine, iter_holders, join_path, split
@@ -201,15 +203,9 @@ def _default_sharding() -> jax.sharding.Sharding:
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
-    if jax.process_index() != 0:
-        return
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Process 0 swaps the finished directory in (see `rslora_jax._files.swap_directory`)."""
+    if jax.process_index() == 0:
+        _files.swap_directory(tmp, target)
 
 
 def load_adapters(
@@ -232,6 +228,7 @@ def load_adapters(
       FileNotFoundError: if `directory` does not exist.
     """
     path = Path(directory).absolute()
+    _files.recover_directory(path)  # a save interrupted between two renames
     if not path.is_dir():
         raise FileNotFoundError(f"no adapter checkpoint at {str(path)!r}")
     _, base = split(params)
