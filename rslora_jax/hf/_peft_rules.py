@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rslora_jax.config import LoraConfig
+from rslora_jax.core.config import LoraConfig
 from rslora_jax.models.families import LinearModule
 
 # adapter_config.json fields that change what the adapter computes and that we do not

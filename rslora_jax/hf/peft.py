@@ -29,10 +29,10 @@ and HF module names with the kernels' shapes (:meth:`ModelFamily.linear_modules
 <rslora_jax.models.families.ModelFamily.linear_modules>`), looked up by the model config's
 ``model_type``.
 
-What depends on the adapter method (LoRA, DoRA, PiSSA/OLoRA initialisation, RaSA) is gathered
-in the section "Adapter methods" below: `LEAVES` maps our leaf names to PEFT key suffixes and
-says how to convert them (transposed or not, expected shapes, when required); a new kind that
-PEFT stores per module needs one entry there.
+What depends on the adapter method comes from the method protocol (`rslora_jax.core.protocol`):
+each method declares its leaves' PEFT key suffixes and layouts (`Leaf.peft`, `Leaf.layout`) and
+its adapter_config.json fields (``use_dora`` for DoRA; RaSA has no PEFT format and is refused),
+the initialiser its ``init_lora_weights``. A new method with a PEFT format needs nothing here.
 
 transformers, torch and peft are not imported: this module reads and writes JSON and safetensors.
 """
@@ -45,7 +45,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +55,22 @@ import numpy as np
 
 from rslora_jax import _files
 from rslora_jax._types import Params
-from rslora_jax.adapters import (
+from rslora_jax.core import protocol
+from rslora_jax.core.config import LoraConfig
+from rslora_jax.core.protocol import Method
+from rslora_jax.core.tree import (
     KERNEL,
     adapted_holders,
     combine,
+    global_entries,
     is_adapter_key,
     iter_holders,
     join_path,
 )
-from rslora_jax.config import LoraConfig
 from rslora_jax.hf import _peft_rules as rules
 from rslora_jax.hf import io as hf_io
 from rslora_jax.hf._peft_rules import PeftFormatWarning
 from rslora_jax.models.families import LinearModule, ModelFamily, family_of
-from rslora_jax.variants import MAGNITUDE
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -83,28 +85,34 @@ _PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
 # ============================================================================ adapter methods
-# Everything that depends on the adapter method (LoRA/rsLoRA, DoRA, PiSSA/OLoRA initialisation,
-# RaSA) is in this section; the rest of the module is method-independent. To be replaced by the
-# method protocol (each method declaring its PEFT leaf names).
+# What depends on the adapter method comes from the method protocol: each method declares its
+# leaves with their PEFT key suffixes (`rslora_jax.core.Leaf.peft`) and its extra
+# adapter_config.json fields (`Method.peft_fields`, None: no PEFT format); the initialiser says
+# its init_lora_weights value (`Initialiser.to_peft`).
 
 
 @dataclasses.dataclass(frozen=True)
 class LeafSpec:
-    """How one of our adapter leaves is stored in a PEFT file.
+    """How one of our adapter leaves is stored in a PEFT file (derived from its `Leaf`).
 
     Attributes:
       ours: the leaf name in the dict holding the kernel (e.g. ``lora_a``).
       peft: the PEFT key suffix after the module name (e.g. ``lora_A.weight``).
-      shape: ``(r, d_in, d_out) -> shape`` of PEFT's tensor for one module.
-      transpose: whether our (per-layer) array is the transpose of PEFT's tensor.
-      required: ``LoraConfig -> bool``: whether every adapted module has this leaf.
+      layout: the leaf's layout (``"a"``: PEFT stores ``A.T`` (r, d_in); ``"b"``: ``B.T``
+        (d_out, r); ``"out"``: as is, (d_out,)).
     """
 
     ours: str
     peft: str
-    shape: Callable[[int, int, int], tuple[int, ...]]
-    transpose: bool
-    required: Callable[[LoraConfig], bool]
+    layout: str
+
+    @property
+    def transpose(self) -> bool:
+        return self.layout in ("a", "b")
+
+    def shape(self, r: int, d_in: int, d_out: int) -> tuple[int, ...]:
+        """PEFT's shape for one module."""
+        return {"a": (r, d_in), "b": (d_out, r), "out": (d_out,)}[self.layout]
 
     def ours_shape(self, r: int, d_in: int, d_out: int) -> tuple[int, ...]:
         """Our per-layer shape (PEFT's, reversed if transposed)."""
@@ -118,15 +126,25 @@ class LeafSpec:
         return x.T if self.transpose else x
 
 
-LEAVES: tuple[LeafSpec, ...] = (
-    LeafSpec("lora_a", "lora_A.weight", lambda r, i, o: (r, i), True, lambda c: True),
-    LeafSpec("lora_b", "lora_B.weight", lambda r, i, o: (o, r), True, lambda c: True),
-    # DoRA's magnitude (``lora_magnitude``): PEFT's DoraLinearLayer.weight, saved
-    # without its ".weight" suffix (peft.tuners.lora.model.LoraModel._get_adapter_state_dict).
-    LeafSpec(MAGNITUDE, "lora_magnitude_vector", lambda r, i, o: (o,), False, lambda c: c.use_dora),
-)
-_BY_OURS = {spec.ours: spec for spec in LEAVES}
-_BY_PEFT = {spec.peft: spec for spec in LEAVES}
+def _specs_of(method: Method) -> tuple[LeafSpec, ...]:
+    return tuple(
+        LeafSpec(name, leaf.peft, leaf.layout)
+        for name, leaf in method.leaves.items()
+        if leaf.peft is not None
+    )
+
+
+def _known_specs() -> dict[str, tuple[LeafSpec, type[Method]]]:
+    """Every PEFT suffix a registered method declares -> (spec, method)."""
+    out: dict[str, tuple[LeafSpec, type[Method]]] = {}
+    for cls in protocol.methods().values():
+        if cls.peft_fields is None:
+            continue
+        for spec in _specs_of(cls()):
+            out.setdefault(spec.peft, (spec, cls))
+    return out
+
+
 # PEFT suffixes we know but cannot represent (named in the error message).
 _UNSUPPORTED_SUFFIXES = {
     "lora_embedding_A": "LoRA on an embedding",
@@ -137,7 +155,7 @@ _UNSUPPORTED_SUFFIXES = {
 
 
 def _leaves_for(config: LoraConfig) -> tuple[LeafSpec, ...]:
-    return tuple(spec for spec in LEAVES if spec.required(config))
+    return _specs_of(config.method)
 
 
 # init_lora_weights values whose saved factors are plain LoRA factors on the unchanged base.
@@ -146,26 +164,29 @@ _PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
-def _init_to_peft(init: str) -> bool | str:
-    if init == "kaiming_uniform":
-        return True
-    return init  # "gaussian", "pissa", "pissa_niter_<n>", "olora": PEFT's own names
+def _method_fields() -> dict[str, Any]:
+    """Every adapter_config.json field a registered method sets, with its 'off' value."""
+    return {k: False for cls in protocol.methods().values() for k in (cls.peft_fields or {})}
 
 
 def _refuse_without_peft_format(lora_config: LoraConfig, params: Any, where: str) -> None:
-    """Methods that have no PEFT format (RaSA)."""
-    if lora_config.rasa or (isinstance(params, Mapping) and "lora_shared" in params):
+    """Methods that have no PEFT format (e.g. RaSA)."""
+    method = lora_config.method
+    shared = global_entries(params)
+    if method.peft_fields is None or shared:
+        title = method.title if method.peft_fields is None else f"top-level {sorted(shared)}"
         raise ValueError(
-            f"{where}: RaSA adapters (rank-shared pools) have no PEFT format; merge them "
-            "(rslora_jax.merge) and export the merged model with rslora_jax.hf.save_pretrained"
+            f"{where}: {title} adapters have no PEFT format; merge them (rslora_jax.merge) and "
+            "export the merged model with rslora_jax.hf.save_pretrained"
         )
 
 
 def _method_to_peft(lora_config: LoraConfig) -> dict[str, Any]:
     """The adapter_config.json fields that record the method and its initialisation."""
     return {
-        "init_lora_weights": _init_to_peft(lora_config.init),
-        "use_dora": lora_config.use_dora,
+        "init_lora_weights": lora_config.init.to_peft(),
+        **_method_fields(),
+        **dict(lora_config.method.peft_fields or {}),
     }
 
 
@@ -181,17 +202,21 @@ def _check_method_options(meta: Mapping[str, Any], where: str) -> None:
         )
     if init not in _PLAIN_INITS:
         raise ValueError(f"{where} has an unknown init_lora_weights={init!r}")
-    if not isinstance(meta.get("use_dora", False), bool):
-        raise ValueError(f"{where}: use_dora={meta['use_dora']!r} must be true or false")
+    for field in _method_fields():
+        if not isinstance(meta.get(field, False), bool):
+            raise ValueError(f"{where}: {field}={meta[field]!r} must be true or false")
 
 
 def _method_from_peft(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """LoraConfig fields for the method and initialisation an adapter_config.json records."""
+    """LoraConfig fields for the method and initialisation an adapter_config.json records: the
+    registered method whose PEFT fields it sets (none set: the default method)."""
     init = meta.get("init_lora_weights", True)
-    return {
-        "init": "gaussian" if init == "gaussian" else "kaiming_uniform",
-        "use_dora": bool(meta.get("use_dora", False)),
-    }
+    chosen = protocol.default_method()
+    for cls in protocol.methods().values():
+        fields = cls.peft_fields or {}
+        if fields and all(meta.get(k, False) == v for k, v in fields.items()):
+            chosen = cls()
+    return {"init": "gaussian" if init == "gaussian" else "kaiming_uniform", "method": chosen}
 
 
 # ============================================================================ end of methods
@@ -318,17 +343,18 @@ def export_peft(
         adapted_paths.add(path)
         _check_export_axes(lora_config, path, holder[KERNEL], module)
         present = {k for k in holder if is_adapter_key(k)}
-        unknown = sorted(present - set(_BY_OURS))
+        known = {spec.ours for spec, _ in _known_specs().values()}
+        unknown = sorted(present - known)
         if unknown:
             raise ValueError(
                 f"{where}: adapter leaves {unknown} at {path!r} have no PEFT counterpart "
-                f"(known: {sorted(_BY_OURS)})"
+                f"(known: {sorted(known)})"
             )
         wanted = {spec.ours for spec in specs}
         if present != wanted:
             raise ValueError(
                 f"{where}: the adapter at {path!r} has leaves {sorted(present)}, but "
-                f"LoraConfig(use_dora={lora_config.use_dora}) calls for {sorted(wanted)}"
+                f"the config's method {lora_config.method.title} calls for {sorted(wanted)}"
             )
         r = int(holder["lora_a"].shape[-1])
         if r != lora_config.rank_for(path):
@@ -692,11 +718,17 @@ def _classify_keys(
         spec = next((s for s in specs if body.endswith("." + s.peft)), None)
         if spec is None:
             known = next((d for s, d in _UNSUPPORTED_SUFFIXES.items() if s in body), None)
-            other = next((s for s in _BY_PEFT if body.endswith("." + s)), None)
+            other = next(
+                ((s, cls) for s, (_, cls) in _known_specs().items() if body.endswith("." + s)),
+                None,
+            )
             if known:
                 reason = f"{known} is not supported"
+            elif other is not None:
+                needs = ", ".join(other[1].peft_fields or {})
+                reason = f"{other[0]!r} needs {needs or other[1].title}"
             else:
-                reason = f"{other!r} needs use_dora" if other else "not a LoRA factor"
+                reason = "not a LoRA factor"
             unexpected.append(f"{key} ({reason})")
             continue
         name = body[: -len(spec.peft) - 1]
@@ -760,7 +792,6 @@ def _check_shape(
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
-    "LEAVES",
     "PEFT_FORMAT_VERSION",
     "LeafSpec",
     "PeftFormatWarning",

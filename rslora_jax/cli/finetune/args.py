@@ -24,7 +24,7 @@ from rslora_jax.cli.common import (
     nonnegative_int,
     positive_int,
 )
-from rslora_jax.config import ALL_LINEAR
+from rslora_jax.core.config import ALL_LINEAR
 
 PROG = "rslora-finetune"
 #: The built-in base model (config.json, model.safetensors, tokenizer files).

@@ -28,7 +28,7 @@ from rslora_jax._types import PyTree
 from rslora_jax.cli.common import DTYPES, UsageError, parse_mesh
 from rslora_jax.cli.finetune.args import DEFAULT_MODEL, RUNS_DIR
 from rslora_jax.cli.finetune.layout import LocalRows, batch_sharding, batch_ways, run_specs
-from rslora_jax.config import ALL_LINEAR
+from rslora_jax.core.config import ALL_LINEAR
 from rslora_jax.models.llama import LlamaConfig, init_params
 
 
