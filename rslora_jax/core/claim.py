@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from rslora_jax.core.config import LoraConfig
-from rslora_jax.core.tree import MARKER
+from rslora_jax.core.tree import is_adapted
 
 _ACTIVE: contextvars.ContextVar[Claims | None] = contextvars.ContextVar(
     "rslora_jax_claims", default=None
@@ -55,7 +55,7 @@ class Claims:
         Returns False (the interceptor keeps it, or it has no adapter) if the dict has no adapter
         leaves or the path is merged by the caller.
         """
-        if holder is None or path in self.skip or MARKER not in holder:
+        if holder is None or path in self.skip or not is_adapted(holder):
             return False
         self.claimed.add(path)
         return True

@@ -19,8 +19,6 @@ from rslora_jax._types import PyTree
 
 ADAPTER_PREFIX = "lora_"
 KERNEL = "kernel"
-#: The leaf every adapter has, whatever its method: marks an adapted kernel's dict.
-MARKER = "lora_a"
 
 
 def is_adapter_key(key: Any) -> bool:
@@ -65,9 +63,24 @@ def iter_holders(tree: PyTree, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[t
             yield from iter_holders(val, (*prefix, key))
 
 
+def is_adapted(holder: Any) -> bool:
+    """Whether a dict holds a kernel and adapter leaves next to it (any method's).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> is_adapted({"kernel": jnp.ones((2, 2)), "lora_b": jnp.ones((1, 2))})
+      True
+    """
+    return (
+        isinstance(holder, Mapping)
+        and KERNEL in holder
+        and any(is_adapter_key(k) and not isinstance(v, Mapping) for k, v in holder.items())
+    )
+
+
 def adapted_holders(tree: PyTree) -> list[tuple[str, Mapping]]:
     """``(path, dict)`` for every dict of `tree` holding a kernel and adapter leaves."""
-    return [(join_path(k), d) for k, d in iter_holders(tree) if MARKER in d]
+    return [(join_path(k), d) for k, d in iter_holders(tree) if is_adapted(d)]
 
 
 def adapter_leaves(holder: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,7 +126,7 @@ def rebuild(tree: Any, fn: Any, prefix: tuple = (), *, drop_adapters: bool = Tru
     """
     if not isinstance(tree, Mapping):
         return tree
-    if KERNEL in tree and MARKER in tree:
+    if is_adapted(tree):
         return fn(join_path(prefix), tree)
     return {
         k: rebuild(v, fn, (*prefix, k), drop_adapters=drop_adapters)
@@ -224,12 +237,12 @@ def num_adapter_params(params: PyTree) -> int:
 
 __all__ = [
     "KERNEL",
-    "MARKER",
     "adapted_holders",
     "adapter_leaves",
     "adapter_paths",
     "combine",
     "global_entries",
+    "is_adapted",
     "is_adapter_key",
     "is_adapter_path",
     "iter_holders",

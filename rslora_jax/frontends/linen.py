@@ -47,6 +47,7 @@ from rslora_jax.core.tree import (
     adapter_leaves,
     adapter_paths,
     global_entries,
+    is_adapted,
     iter_holders,
     join_path,
 )
@@ -184,7 +185,7 @@ def _describe(
 
 
 def _adapted(module: nn.Module) -> bool:
-    return module.has_variable("params", "lora_a") and module.has_variable("params", "kernel")
+    return is_adapted(module.variables.get("params", {}))
 
 
 def _interceptor(

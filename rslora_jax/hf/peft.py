@@ -331,7 +331,7 @@ def export_peft(
     modules = _base_modules(fam, params, model_cfg, where)
     holders = adapted_holders(params)
     if not holders:
-        raise ValueError(f"{where}: params hold no adapters (no dict with 'lora_a')")
+        raise ValueError(f"{where}: params hold no adapters (no kernel with adapter leaves)")
     specs = _leaves_for(lora_config)
 
     tensors: dict[str, np.ndarray] = {}
@@ -356,10 +356,11 @@ def export_peft(
                 f"{where}: the adapter at {path!r} has leaves {sorted(present)}, but "
                 f"the config's method {lora_config.method.title} calls for {sorted(wanted)}"
             )
-        r = int(holder["lora_a"].shape[-1])
+        a_name = next(spec.ours for spec in specs if spec.layout == "a")
+        r = int(holder[a_name].shape[-1])
         if r != lora_config.rank_for(path):
             raise ValueError(
-                f"{where}: the adapter at {path!r} has rank {r} (lora_a {tuple(holder['lora_a'].shape)}), "
+                f"{where}: the adapter at {path!r} has rank {r} ({a_name} {tuple(holder[a_name].shape)}), "
                 f"but lora_config gives rank {lora_config.rank_for(path)} there: the scale would be wrong"
             )
         stack = (len(module.names),) if module.stacked else ()

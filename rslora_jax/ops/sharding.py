@@ -22,7 +22,7 @@ from rslora_jax._types import PyTree
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.protocol import leaf_role
 from rslora_jax.core.sites import layout_for
-from rslora_jax.core.tree import KERNEL, MARKER, global_entries, is_adapter_key, join_path
+from rslora_jax.core.tree import KERNEL, global_entries, is_adapted, is_adapter_key, join_path
 
 
 def _default_config() -> LoraConfig:
@@ -145,7 +145,7 @@ def _specs(
         if key not in specs:
             raise ValueError(f"base_specs has no entry for {join_path((*prefix, key))!r}")
         out[key] = _specs(val, specs[key], config, (*prefix, key), members, meshes)
-    if KERNEL in tree and MARKER in tree:
+    if is_adapted(tree):
         path = join_path(prefix)
         kernel_spec = specs[KERNEL]
         mesh = None
