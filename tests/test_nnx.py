@@ -44,6 +44,15 @@ def _np(x):
     return np.asarray(x, np.float64)
 
 
+def _assert_rel_close(got, want, rtol, what=""):
+    """``||got - want|| <= rtol * ||want||``: relative to the tensor's scale, not per entry
+    (summation order, and so the rounding of entries near zero, differs between CPUs)."""
+    got, want = _np(got), _np(want)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err, scale = np.linalg.norm(got - want), np.linalg.norm(want)
+    assert err <= rtol * scale, f"{what}: |got - want| = {err:.3g} > {rtol} * |want| = {scale:.3g}"
+
+
 # ---------------------------------------------------------------------------- single layers
 # (constructor, input shape, numpy einsum of (x, kernel) -> y as the layer computes it, roles)
 LAYERS = {
@@ -98,8 +107,15 @@ LAYERS = {
     ),
 }
 # Layers whose adapter add_adapters(mode="fused") computes with rslora_jax.fused (one matmul on
-# the kernel W + gamma*A@B): no transpose of the input needed. The others stay factored.
-FUSABLE = {"linear", "linear_general_out", "linear_general_in", "linear_general_unsorted_axis"}
+# the kernel W + gamma*A@B): the input's trailing axes against the kernel's leading ones, no
+# transpose and no batch axes (the dispatch's rule, as for linen). The others stay factored.
+FUSABLE = {
+    "linear",
+    "linear_general_out",
+    "linear_general_in",
+    "linear_general_unsorted_axis",
+    "einsum_merge_heads",
+}
 # Both scalings, alternating over the layers (each case compiles its own shapes).
 CASES = [(name, ("rslora", "lora")[i % 2]) for i, name in enumerate(sorted(LAYERS))]
 
@@ -434,7 +450,7 @@ def test_fused_and_factored_linear_layers_agree(tokens):
         assert fuses
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
         for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+            _assert_rel_close(g, w, 1e-4, mode)
             assert np.abs(np.asarray(w)).max() > 0
     with pytest.raises(ValueError, match="mode must be 'auto', 'factored' or 'fused', got 'x'"):
         rln.add_adapters(_llama(), CFG, jax.random.key(1), mode="x")
@@ -484,7 +500,7 @@ def test_merged_recipe_trains_like_the_factored_model(tokens, reference_run):
     want = rl.split(rln.to_params(model))[0]
     assert jax.tree.structure(adapters) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+        _assert_rel_close(a, b, 1e-3)  # after Adam steps: never per entry
 
 
 # ---------------------------------------------------------------------------- sharding
@@ -519,7 +535,7 @@ def test_sharded_step_equals_single_device(tokens, reference_run):
     got = nnx.to_pure_dict(lora)
     assert jax.tree.structure(got) == jax.tree.structure(want_adapters)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want_adapters)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        _assert_rel_close(a, b, 1e-4)  # after Adam steps: never per entry
     trained_b = got["model"]["layers"][0]["mlp"]["up_proj"]["lora_b"]
     assert trained_b.sharding.spec == P(None, "model")
     assert len({s.device for s in trained_b.addressable_shards}) == 8
@@ -643,6 +659,283 @@ def test_adapter_dropout_follows_train_and_eval():
     merged = rln.merge(layer)
     assert nnx.graphdef(merged) == nnx.graphdef(nnx.Linear(8, 8, rngs=nnx.Rngs(0)))
     np.testing.assert_allclose(merged(x), full, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- every method
+# A tiny net with the three adaptable layer kinds (all with a bias, all fusable) in a list of
+# two blocks, so that RaSA groups each projection's two layers ('layers/<i>/...').
+DM = 8
+
+
+class MethodBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.q_proj = nnx.Linear(DM, DM, rngs=rngs)
+        self.up_proj = nnx.LinearGeneral(DM, (2, 6), rngs=rngs)  # 'ioo'
+        self.down_proj = nnx.Einsum("btnh,nhd->btd", (2, 6, DM), (DM,), rngs=rngs)  # 'iio'
+
+    def __call__(self, x):
+        return x + self.q_proj(x) + self.down_proj(jnp.tanh(self.up_proj(x)))
+
+
+class MethodNet(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([MethodBlock(rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+METHODS = {
+    "lora": {"method": "lora"},
+    "rasa": {"method": "rasa"},
+    "dora": {"method": "dora"},
+    "pissa": {"init": "pissa"},
+}
+
+
+def _method_config(name, model, **kw):
+    return rl.LoraConfig(
+        rank=4, alpha=6.0, kernel_axes=rln.kernel_axes(model), **METHODS[name], **kw
+    )
+
+
+def _method_input():
+    return jax.random.normal(jax.random.key(7), (2, 3, DM))
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(_np(a) - _np(b)) / np.linalg.norm(_np(b)))
+
+
+def _adapted_method_net(name, mode="auto"):
+    """(model with random adapters, plain graphdef, config, base output, core-layout params)."""
+    model = MethodNet(nnx.Rngs(0))
+    graphdef, _ = nnx.split(model)
+    x = _method_input()
+    y0 = model(x)
+    base = rln.to_params(model)
+    cfg = _method_config(name, model)
+    rln.add_adapters(model, cfg, jax.random.key(1), mode=mode)
+    # The core layout and values: rslora_jax.init on the pure dict, same key (RaSA's pools
+    # at the top level; PiSSA's residual kernels).
+    _assert_trees_equal(rln.to_params(model), rl.init(base, cfg, jax.random.key(1)))
+    _assert_rel_close(model(x), y0, 1e-5, "output unchanged at init")
+    # Random B everywhere (RaSA's pools too), written back in the core layout.
+    params = R.randomize_b(rln.to_params(model), 3, 0.3)
+    rln.update_from_dict(model, params)
+    _assert_trees_equal(rln.to_params(model), params)
+    return model, graphdef, cfg, y0, params
+
+
+@pytest.mark.parametrize("mode", ["factored", "fused"])
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_forward_and_gradients_equal_the_core(name, mode):
+    model, graphdef, cfg, y0, params = _adapted_method_net(name, mode)
+    x = _method_input()
+    block = model.layers[1]
+    for layer in (block.q_proj, block.up_proj, block.down_proj):
+        assert isinstance(layer.lora_a, nnx.LoRAParam)
+        assert sorted(k for k in vars(layer) if k.startswith("lora_") and k != "lora_config") == (
+            sorted([*cfg.method.leaves, "lora_mode", "lora_path", "lora_roles"])
+            + (["lora_shared"] if name == "rasa" else [])
+        )
+        assert layer._fuses(x) is (mode == "fused")
+
+    # Forward: the plain NNX model on the core merge of the same pure dict.
+    want = nnx.merge(graphdef, rl.merge(params, cfg))(x)
+    _assert_rel_close(model(x), want, 1e-5, "forward")
+    assert _rel(want, y0) > 1e-2  # the adapters change the output
+
+    # Gradients w.r.t. the LoRAParams == jax.grad of the core recipe w.r.t. the adapters.
+    def loss(out):
+        return jnp.mean(jnp.tanh(out) ** 2)
+
+    grads = nnx.grad(lambda m: loss(m(x)), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    adapters, base = rl.split(params)
+    want_grads = jax.grad(
+        lambda ad: loss(nnx.merge(graphdef, rl.merge(rl.combine(ad, base), cfg))(x))
+    )(adapters)
+    got = rln.to_params(grads)
+    assert jax.tree.structure(got) == jax.tree.structure(want_grads)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want_grads)):
+        _assert_rel_close(g, w, 1e-4, "gradient")
+        assert np.abs(_np(w)).max() > 0
+
+    # An optimizer step over nnx.LoRAParam moves every adapter leaf and nothing else.
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.LoRAParam)
+    opt.update(model, grads)
+    after_adapters, after_base = rl.split(rln.to_params(model))
+    _assert_trees_equal(after_base, base)
+    for a, b in zip(jax.tree.leaves(after_adapters), jax.tree.leaves(adapters)):
+        assert np.abs(_np(a) - _np(b)).max() > 0
+
+
+def _method_delta(name, holder, shared, module, roles, scale):
+    """The written merge formula for one layer (numpy float64)."""
+    w = _np(holder["kernel"])
+    a, b = _np(holder["lora_a"]), _np(holder["lora_b"])
+    if name == "rasa":
+        pool = shared["lora_shared"]["layers"][module]
+        d = _np(holder["lora_d"])
+        a = np.concatenate([a, _np(pool["lora_a"])], axis=-1)
+        b = np.concatenate([b, _np(pool["lora_b"])], axis=-2) * d[:, None]
+        scale = 1.0
+    v = w + R.delta_kernel(a, b, scale, roles, w.shape)
+    if name != "dora":
+        return v
+    d_in = math.prod(s for s, c in zip(w.shape, roles) if c == "i")
+    mat = v.reshape(d_in, -1)  # 'io', 'ioo', 'iio': input axes first
+    norm = np.linalg.norm(mat, axis=0)
+    return (mat * (_np(holder["lora_magnitude"]).reshape(-1) / norm)).reshape(w.shape)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_merge_is_the_core_merge_and_the_formula(name):
+    model, graphdef, cfg, _, params = _adapted_method_net(name)
+    x = _method_input()
+    merged = rln.merge(model)
+    assert nnx.graphdef(merged) == graphdef  # the plain model again
+    got = rln.to_params(merged)
+    want = rl.merge(params, cfg)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        _assert_rel_close(g, w, 1e-6, "merge")
+    roles = rln.kernel_axes(model)
+    for i in range(2):
+        for module in ("q_proj", "up_proj", "down_proj"):
+            path = f"layers/{i}/{module}"
+            formula = _method_delta(
+                name, params["layers"][i][module], params, module, roles[path], cfg.scale_for(path)
+            )
+            _assert_rel_close(got["layers"][i][module]["kernel"], formula, 1e-5, path)
+    _assert_rel_close(merged(x), model(x), 1e-5, "merged forward")
+    # merge left the adapted model alone.
+    _assert_trees_equal(rln.to_params(model), params)
+
+
+def test_pissa_writes_the_residual_kernels_into_the_layers():
+    model = MethodNet(nnx.Rngs(0))
+    before = rln.to_params(model)
+    cfg = _method_config("pissa", model)
+    rln.add_adapters(model, cfg, jax.random.key(1))
+    roles = rln.kernel_axes(model)
+    for i in range(2):
+        for module in ("q_proj", "up_proj", "down_proj"):
+            path, layer = f"layers/{i}/{module}", getattr(model.layers[i], module)
+            delta = R.delta_kernel(
+                layer.lora_a[...],
+                layer.lora_b[...],
+                cfg.scale_for(path),
+                roles[path],
+                layer.kernel.shape,
+            )
+            # W_res + gamma * A @ B = W, and the principal part is not small.
+            w0 = _np(before["layers"][i][module]["kernel"])
+            _assert_rel_close(_np(layer.kernel[...]) + delta, w0, 1e-5, path)
+            assert _rel(layer.kernel[...], w0) > 0.1
+
+
+def test_rasa_pools_are_held_once_and_shared_by_the_layers(tmp_path):
+    model, _, cfg, _, params = _adapted_method_net("rasa")
+    x = _method_input()
+    q0, q1 = model.layers[0].q_proj, model.layers[1].q_proj
+    assert q0.lora_shared is q1.lora_shared is model.layers[1].down_proj.lora_shared
+    # NNX keeps the shared variables once, under the first adapted layer in graph order.
+    raw = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+    holders = [
+        (i, m) for i in range(2) for m in raw["layers"][i] if "lora_shared" in raw["layers"][i][m]
+    ]
+    assert holders == [(0, "down_proj")]
+    pools = raw["layers"][0]["down_proj"]["lora_shared"]
+    assert jax.tree.map(jnp.shape, pools) == jax.tree.map(jnp.shape, params["lora_shared"])
+    # ... and to_params puts them where the core has them.
+    assert sorted(params["lora_shared"]["layers"]) == ["down_proj", "q_proj", "up_proj"]
+    assert rln.num_adapter_params(model) == rl.num_adapter_params(params)
+    # nnx.split / nnx.merge keep the sharing; optimizer state holds each pool once.
+    again = nnx.merge(*nnx.split(model))
+    assert again.layers[0].q_proj.lora_shared is again.layers[1].up_proj.lora_shared
+    np.testing.assert_array_equal(again(x), model(x))
+    opt = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.LoRAParam)
+    moments = jax.tree.leaves(nnx.state(opt, nnx.OptState))
+    assert sum(m.size for m in moments) == rln.num_adapter_params(model) + 1  # + step
+    # A checkpoint round trip: the core's save/load take to_params as it is (pools at the top
+    # level), update_from_dict takes the restored tree back.
+    rl.save_adapters(tmp_path / "rasa", params, cfg)
+    plain = MethodNet(nnx.Rngs(0))
+    restored, loaded_cfg = rl.load_adapters(tmp_path / "rasa", rln.to_params(plain))
+    fresh = rln.add_adapters(plain, loaded_cfg, jax.random.key(9))
+    rln.update_from_dict(fresh, restored)
+    _assert_trees_equal(rln.to_params(fresh), params)
+    np.testing.assert_array_equal(fresh(x), model(x))
+    rln.remove_adapters(fresh)  # pools go with the layers' other leaves
+    assert nnx.graphdef(fresh) == nnx.graphdef(MethodNet(nnx.Rngs(0)))
+
+
+def test_rasa_refusals_are_clear():
+    stacked = Scanned(nnx.Rngs(0))
+    cfg = rl.LoraConfig(rank=2, method="rasa", kernel_axes=rln.kernel_axes(stacked))
+    with pytest.raises(ValueError, match=r"RaSA adapters on stacked NNX layers \('blocks/heads'"):
+        rln.add_adapters(stacked, cfg, jax.random.key(0))
+    assert rln.num_adapter_params(stacked) == 0  # nothing was changed
+    rasa = rln.to_params(_adapted_method_net("rasa")[0])
+    lora_model = rln.add_adapters(
+        MethodNet(nnx.Rngs(0)), _method_config("lora", MethodNet(nnx.Rngs(0))), jax.random.key(0)
+    )
+    with pytest.raises(ValueError, match=r"top-level 'lora_shared' entry .* RaSA"):
+        rln.update_from_dict(lora_model, {"lora_shared": rasa["lora_shared"]})
+    model = rln.add_adapters(
+        MethodNet(nnx.Rngs(0)), _method_config("rasa", MethodNet(nnx.Rngs(0))), jax.random.key(0)
+    )
+    bad = {"lora_shared": {"layers": {"q_proj": {"lora_a": jnp.zeros((3, 3))}}}}
+    with pytest.raises(ValueError, match=r"'lora_shared/layers/q_proj/lora_a' holds \(3, 3\)"):
+        rln.update_from_dict(model, bad)
+
+
+def test_dora_dropout_is_factored_and_off_in_eval():
+    cfg = rl.LoraConfig(rank=2, alpha=2.0, method="dora", dropout=0.5)
+    layer = rln.add_adapters(
+        nnx.Linear(6, 6, rngs=nnx.Rngs(0)),
+        cfg,
+        jax.random.key(0),
+        dropout_rngs=nnx.Rngs(3),
+        mode="fused",
+    )
+    _randomize_b(layer)
+    x = jax.random.normal(jax.random.key(1), (4, 6))
+    assert not layer._fuses(x)  # active dropout: the dispatch computes it factored
+    assert not np.allclose(layer(x), layer(x))
+    layer.eval()
+    assert layer._fuses(x)
+    params = rln.to_params(layer)
+    plain = nnx.Linear(6, 6, rngs=nnx.Rngs(0))
+    rln.update_from_dict(plain, rl.merge(params, cfg))
+    _assert_rel_close(layer(x), plain(x), 1e-5)
+
+
+@LLAMA_DTYPES
+def test_method_leaves_carry_sharding_metadata_and_placement():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    dora = rln.add_adapters(_llama(), rl.LoraConfig(rank=4, method="dora"), jax.random.key(1))
+    q, o = dora.model.layers[0].self_attn.q_proj, dora.model.layers[0].self_attn.o_proj
+    assert q.lora_magnitude.get_metadata("out_sharding") == ("model",)  # the output axis
+    assert o.lora_magnitude.get_metadata("out_sharding") == ("data",)
+    model = _llama()
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
+    rln.add_adapters(model, rl.LoraConfig(rank=4, method="rasa"), jax.random.key(1))
+    q, o = model.model.layers[1].self_attn.q_proj, model.model.layers[1].self_attn.o_proj
+    assert q.lora_d.get_metadata("out_sharding") == (None,)  # rank axis: replicated
+    pools = q.lora_shared["model"]["layers"]["self_attn"]
+    assert pools["q_proj"]["lora_a"].get_metadata("out_sharding") == ("data", None)
+    assert pools["q_proj"]["lora_b"].get_metadata("out_sharding") == (None, "model")
+    assert pools["o_proj"]["lora_a"].get_metadata("out_sharding") == ("model", None)
+    # Placed on the mesh like their kernels; nnx.get_partition_spec reads the metadata.
+    assert pools["q_proj"]["lora_a"][...].sharding == NamedSharding(mesh, P("data", None))
+    assert q.lora_d[...].sharding == NamedSharding(mesh, P(None))
+    specs = rln.to_params(nnx.get_partition_spec(nnx.state(model, nnx.LoRAParam)))
+    assert specs["lora_shared"]["model"]["layers"]["mlp"]["down_proj"]["lora_b"] == P(None, "data")
 
 
 # ---------------------------------------------------------------------------- errors

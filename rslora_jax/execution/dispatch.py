@@ -209,6 +209,29 @@ def _combine(
     )
 
 
+def fuses(
+    x: jax.Array,
+    lins: Sequence[Contraction],
+    mode: str = "auto",
+    dropouts: Sequence[Callable[[jax.Array], jax.Array] | None] | None = None,
+) -> bool:
+    """Whether `adapted_group` (and `adapted`) computes this call fused (see the module
+    docstring): every layer an exact matmul view of `x`, no active dropout, and `mode` (with
+    ``"auto"``: the token count) asking for it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lin = Contraction(("bi", "io", "bo"), jnp.zeros((2, 3)))
+      >>> fuses(jnp.ones((4, 2)), [lin], "fused"), fuses(jnp.ones((4, 2)), [lin], "factored")
+      (True, False)
+    """
+    views = [lin.view(x) if lin.exact else None for lin in lins]
+    if any(v is None for v in views) or any(d is not None for d in dropouts or ()):
+        return False
+    d_out = sum(v.d_out for v in views)
+    return choose(mode, views[0].tokens, views[0].d_in, d_out, True) == "fused"
+
+
 def adapted(
     x: jax.Array,
     lin: Contraction,
@@ -277,11 +300,8 @@ def adapted_group(
     cols = list(cols or [None] * n)
     dropouts = list(dropouts or [None] * n)
     views = [lin.view(x) if lin.exact else None for lin in lins]
-    can_fuse = all(v is not None for v in views) and all(d is None for d in dropouts)
-    if can_fuse:
-        d_out = sum(v.d_out for v in views)
-        if choose(mode, views[0].tokens, views[0].d_in, d_out, True) == "fused":
-            return _fused_outputs(x, lins, views, pairs, cols)
+    if fuses(x, lins, mode, dropouts):
+        return _fused_outputs(x, lins, views, pairs, cols)
     dtype = lins[0].compute_dtype(x)
     outs: list[Any]
     plain_2d = all(v is not None for v in views) and all(lin.kernel.ndim == 2 for lin in lins)
@@ -298,4 +318,4 @@ def adapted_group(
     return result
 
 
-__all__ = ["MODES", "Contraction", "View", "adapted", "adapted_group", "choose"]
+__all__ = ["MODES", "Contraction", "View", "adapted", "adapted_group", "choose", "fuses"]
