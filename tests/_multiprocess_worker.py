@@ -48,8 +48,11 @@ def config():
     return rl.LoraConfig(rank=4, alpha=8.0, rank_pattern={"down": 2})
 
 
+LR = 2e-2
+
+
 def tx():
-    return optax.adamw(2e-2, weight_decay=0.01)
+    return optax.adamw(LR, weight_decay=0.01)
 
 
 def rows(step: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +207,7 @@ def main(argv: list[str]) -> int:
         f"127.0.0.1:{args.port}",
         num_processes=args.num_processes,
         process_id=args.process_id,
-        initialization_timeout=60,
+        initialization_timeout=300,  # JAX's default; busy machines start processes slowly
     )
     pid = jax.process_index()
     run = Run(make_mesh())

@@ -34,8 +34,3 @@ def torch_model(hf_config, seed: int = 0):
 def torch_logits(model, ids: np.ndarray = IDS) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(ids)).logits.float().numpy()
-
-
-def rel(ours: np.ndarray, ref: np.ndarray) -> float:
-    """max |ours - ref| / max |ref|."""
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())

@@ -36,6 +36,7 @@ from rslora_jax import finetune as ft
 from rslora_jax.cli.finetune import command
 from rslora_jax.hf import load_pretrained
 from rslora_jax.models import LlamaForCausalLM
+from tests._asserts import assert_close
 
 # optax's Adam is not strict-dtype-promotion clean (its bias correction mixes int and float).
 pytestmark = pytest.mark.loose_dtypes
@@ -169,8 +170,8 @@ def test_merged_and_peft_outputs_match_our_adapted_model(base, run, ours):
         merged_logits = merged(torch.as_tensor(ids)).logits.numpy()
         peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base.model), run.out / "peft")
         peft_logits = peft_model.eval()(torch.as_tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(merged_logits, adapted, atol=2e-5 * scale, rtol=0)
-    np.testing.assert_allclose(peft_logits, adapted, atol=2e-5 * scale, rtol=0)
+    assert_close(merged_logits, adapted, rel=2e-5, norm="max", what="merged export")
+    assert_close(peft_logits, adapted, rel=2e-5, norm="max", what="PEFT export")
 
     tok = transformers.AutoTokenizer.from_pretrained(run.out / "merged")
     sample = "def f(x):\n    return x  # ok"

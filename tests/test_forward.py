@@ -10,6 +10,7 @@ import pytest
 
 import rslora_jax as rl
 from tests import _models as M
+from tests._asserts import assert_close
 from tests._reference import gamma, merge_reference, randomize_b
 
 KEY = jax.random.key(0)
@@ -58,7 +59,7 @@ def test_forward_matches_reference_formula(case, mode, jit):
     if jit:
         apply = jax.jit(apply)
     got = np.asarray(apply({"params": adapted}, x))
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5, err_msg=f"{name}/{mode}")
+    assert_close(got, want, rel=1e-5, what=f"{name}/{mode}")
     # The adapters must matter, or the test proves nothing.
     plain = np.asarray(model.apply({"params": rl.split(adapted)[1]}, x))
     assert np.abs(plain - want).max() > 1e-3
@@ -77,10 +78,9 @@ def test_factored_and_fused_equal_merged_gradients(case):
     for mode in ("factored", "fused"):
         g = grad(adapters, mode)
         assert jax.tree.structure(g) == jax.tree.structure(adapters)
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_m)):
-            where = f"{mode} {jax.tree_util.keystr(path)}"
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=where)
-            assert np.abs(np.asarray(a)).max() > 0, where
+        assert_close(g, g_m, rel=2e-5, what=mode)
+        for path, a in jax.tree_util.tree_leaves_with_path(g):
+            assert np.abs(np.asarray(a)).max() > 0, f"{mode} {jax.tree_util.keystr(path)}"
 
 
 def test_init_leaves_model_output_unchanged(case):
@@ -104,7 +104,7 @@ def test_single_dense_against_written_formula():
     want = xn @ w + b + 8.0 / np.sqrt(4) * (xn @ a_) @ b_
     for mode in ("factored", "merged"):
         got = rl.lora(model.apply, cfg, mode=mode)({"params": ad}, x)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        assert_close(got, want, rel=1e-5, what=mode)
 
 
 def test_auto_falls_back_to_merge_for_unknown_layers():
@@ -119,7 +119,7 @@ def test_auto_falls_back_to_merge_for_unknown_layers():
     )
     want = model.apply({"params": jax.tree.map(jnp.asarray, ref)}, x)
     got = jax.jit(rl.lora(model.apply, cfg, mode="auto"))({"params": adapted}, x)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert_close(got, want, rel=1e-5)
     with pytest.raises(
         ValueError, match=r"mode='factored' cannot compute the adapters at \['conv'\]"
     ):
@@ -144,16 +144,16 @@ def test_dropout_only_with_rng_and_only_on_adapter_branch():
     apply = rl.lora(model.apply, cfg, mode="factored")
     no_rng = apply({"params": adapted}, x)
     no_drop = rl.lora(model.apply, rl.LoraConfig(rank=4), mode="factored")({"params": adapted}, x)
-    np.testing.assert_allclose(no_rng, no_drop, rtol=1e-6)
+    assert_close(no_rng, no_drop, rel=1e-6)
     d1 = apply({"params": adapted}, x, rngs={"lora_dropout": jax.random.key(1)})
     d2 = apply({"params": adapted}, x, rngs={"lora_dropout": jax.random.key(2)})
     assert np.abs(np.asarray(d1) - np.asarray(d2)).max() > 1e-4
     # With B = 0 the adapter branch is zero, so dropout must not change anything.
     zero = rl.init(params, cfg, KEY)
-    np.testing.assert_allclose(
+    assert_close(
         apply({"params": zero}, x, rngs={"lora_dropout": jax.random.key(1)}),
         model.apply({"params": params}, x),
-        rtol=1e-6,
+        rel=1e-6,
     )
     with pytest.raises(ValueError, match="dropout needs the factored forward"):
         rl.lora(model.apply, cfg, mode="merged")({"params": adapted}, x, rngs={"lora_dropout": KEY})

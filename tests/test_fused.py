@@ -13,6 +13,7 @@ import rslora_jax as rl
 from rslora_jax.execution.fused import merged_matmul, prefers_fused
 from rslora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss, init_params
 from tests import _models as M
+from tests._asserts import assert_close
 
 T, D_IN, D1, D2, R1, R2 = 14, 6, 9, 5, 2, 3
 S1, S2 = 0.7, 1.9
@@ -47,12 +48,12 @@ def test_outputs_and_gradients_match_written_formulas(group):
     for j, (s, w, (a, b), dy) in enumerate(zip((S1, S2), wn, fn, dyn)):
         dy2 = dy.reshape(T, -1)
         w_eff = w + s * a @ b
-        np.testing.assert_allclose(ys[j].reshape(T, -1), x2 @ w_eff, rtol=1e-5, atol=1e-5)
+        assert_close(ys[j].reshape(T, -1), x2 @ w_eff, rel=1e-5, what=f"y{j}")
         want_dx += dy2 @ w_eff.T
-        np.testing.assert_allclose(dws[j], x2.T @ dy2, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(dfs[j][0], s * x2.T @ (dy2 @ b.T), rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(dfs[j][1], s * (x2 @ a).T @ dy2, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(dx.reshape(T, D_IN), want_dx, rtol=1e-5, atol=1e-4)
+        assert_close(dws[j], x2.T @ dy2, rel=1e-5, what=f"dW{j}")
+        assert_close(dfs[j][0], s * x2.T @ (dy2 @ b.T), rel=1e-5, what=f"dA{j}")
+        assert_close(dfs[j][1], s * (x2 @ a).T @ dy2, rel=1e-5, what=f"dB{j}")
+    assert_close(dx.reshape(T, D_IN), want_dx, rel=1e-5, what="dx")
     assert dfs[0][0].dtype == jnp.float32 and ys[1].dtype == jnp.float32
 
 
@@ -100,7 +101,7 @@ def test_forward_mode_needs_the_factored_path(group):
         apply = rl.lora(model.apply, cfg, mode=mode)
         return jax.jvp(lambda x: apply({"params": params}, x), (x,), (jnp.cos(x),))[1]
 
-    np.testing.assert_allclose(tangent("factored"), tangent("merged"), rtol=1e-4, atol=1e-5)
+    assert_close(tangent("factored"), tangent("merged"), rel=2e-5)
 
 
 def test_no_kernel_sized_residual():
@@ -137,8 +138,8 @@ def test_bf16_compute(group):
     want = [
         np.asarray(x, np.float64) @ _f64(w + s * a @ b) for w, (a, b), s in zip(ws, fs, (S1, S2))
     ]
-    for y, w in zip(ys, want):
-        np.testing.assert_allclose(np.asarray(y, np.float64), w, rtol=3e-2, atol=0.3)
+    for j, (y, w) in enumerate(zip(ys, want)):
+        assert_close(y, w, rel=3e-2, what=f"y{j}")  # bfloat16 inputs and product (measured 3e-3)
 
 
 def test_bad_shapes_name_the_projection(group):
@@ -177,9 +178,8 @@ def test_dense_layers_fused_equal_factored_and_merged(tokens):
     ref_v, ref_g = _loss_grads(model, x, cfg, adapters, base, "merged")
     for mode in ("fused", "factored", "auto"):
         v, g = _loss_grads(model, x, cfg, adapters, base, mode)
-        np.testing.assert_allclose(v, ref_v, rtol=1e-5, err_msg=mode)
-        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=mode)
+        assert_close(v, ref_v, rel=1e-5, what=mode)
+        assert_close(g, ref_g, rel=2e-5, what=mode)
 
 
 def _uses_fused_rule(mode: str, tokens: int) -> bool:
@@ -210,9 +210,7 @@ def test_dense_general_trailing_axes_are_fused_others_factored():
         jaxpr = str(jax.make_jaxpr(apply)({"params": adapted}, x))
         assert ("custom_vjp" in jaxpr) is fused
         want = rl.lora(model.apply, cfg, mode="merged")({"params": adapted}, x)
-        np.testing.assert_allclose(
-            jax.jit(apply)({"params": adapted}, x), want, rtol=2e-5, atol=2e-5
-        )
+        assert_close(jax.jit(apply)({"params": adapted}, x), want, rel=1e-5)
 
 
 def test_auto_fuses_large_token_counts_only():
@@ -230,7 +228,7 @@ def test_dropout_stays_factored_under_fused():
     v_fused, _ = _loss_grads(model, x, cfg, adapters, base, "fused", **rngs)
     v_fact, _ = _loss_grads(model, x, cfg, adapters, base, "factored", **rngs)
     v_none, _ = _loss_grads(model, x, cfg, adapters, base, "factored")
-    np.testing.assert_allclose(v_fused, v_fact, rtol=1e-6)
+    assert_close(v_fused, v_fact, rel=1e-6)
     assert abs(float(v_fused) - float(v_none)) > 1e-3  # dropout did act
 
 
@@ -242,7 +240,7 @@ def test_unknown_layers_are_merged_under_fused():
     adapted = jax.tree.map(lambda a: a + 0.1, rl.init(params, cfg, jax.random.key(1)))
     want = rl.lora(model.apply, cfg, mode="merged")({"params": adapted}, x)
     got = jax.jit(rl.lora(model.apply, cfg, mode="fused"))({"params": adapted}, x)
-    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert_close(got, want, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- built-in Llama
@@ -280,12 +278,9 @@ def test_llama_fused_equals_factored():
     ref_v, ref_g = run("factored")
     for mode, remat in (("fused", False), ("fused", True)):
         v, g = run(mode, remat)
-        np.testing.assert_allclose(v, ref_v, rtol=1e-5, err_msg=mode)
-        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(ref_g)):
-            np.testing.assert_allclose(
-                a, b, rtol=1e-4, atol=2e-6, err_msg=f"{mode} {jax.tree_util.keystr(path)}"
-            )
-            assert np.abs(np.asarray(a)).max() > 0
+        assert_close(v, ref_v, rel=1e-5, what=f"{mode} remat={remat}")
+        assert_close(g, ref_g, rel=2e-5, what=f"{mode} remat={remat}")
+        assert all(np.abs(np.asarray(a)).max() > 0 for a in jax.tree.leaves(g))
 
 
 def test_llama_bf16_fused_close_to_float32():
@@ -300,4 +295,4 @@ def test_llama_bf16_fused_close_to_float32():
         {"params": adapted}, ids
     )
     assert got.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05)
+    assert_close(got, want, rel=5e-2, norm="max")  # bfloat16 compute (measured 5e-3)

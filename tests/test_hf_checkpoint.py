@@ -37,6 +37,7 @@ from rslora_jax.hf import (
 from rslora_jax.hf import io as hf_io
 from rslora_jax.models import LlamaConfig, LlamaForCausalLM, convert_scan, families, init_params
 from rslora_jax.models.llama import rope_inv_freq
+from tests._asserts import assert_close
 from tests._torch_ref import IDS, TINY, VOCAB, torch_logits, torch_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,10 +71,8 @@ def _our_logits(config: LlamaConfig, params, ids: np.ndarray) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def _assert_close_logits(ours: np.ndarray, ref: np.ndarray) -> float:
-    rel = float(np.abs(ours - ref).max() / np.abs(ref).max())
-    assert rel <= RTOL, f"relative logits error {rel:.3g} > {RTOL}"
-    return rel
+def _assert_close_logits(ours: np.ndarray, ref: np.ndarray) -> None:
+    assert_close(ours, ref, rel=RTOL, norm="max", what="logits")
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])

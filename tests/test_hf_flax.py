@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import rslora_jax as rl
+from tests._asserts import assert_close
 from tests._reference import gamma, merge_reference, randomize_b
 
 pytestmark = [pytest.mark.hf_flax, pytest.mark.loose_dtypes]
@@ -86,14 +87,14 @@ def test_factored_merged_and_merged_params_agree(hf):
     want = np.asarray(call(model.module.apply, jax.tree.map(jnp.asarray, ref)))
     for mode in ("factored", "merged", "auto"):
         got = call(jax.jit(rl.lora(model.module.apply, cfg, mode=mode)), params)
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=f"{name}/{mode}")
+        assert_close(got, want, rel=1e-5, what=f"{name}/{mode}")
     served = call(model.module.apply, rl.merge(params, cfg))
-    np.testing.assert_allclose(served, want, rtol=1e-4, atol=1e-4)
+    assert_close(served, want, rel=1e-5, what=f"{name}/served")
     plain = np.asarray(call(model.module.apply, rl.split(params)[1]))
     assert np.abs(plain - want).max() > 1e-3  # the adapters matter
     # The merged tree is exactly the model's own structure: its __call__ takes it as is.
     out = model(np.asarray(hf[2]), params=rl.merge(params, cfg)).logits
-    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
+    assert_close(out, want, rel=1e-5, what=f"{name}/__call__")
 
 
 def test_training_moves_only_adapters_and_lowers_loss(hf):
@@ -119,9 +120,6 @@ def test_training_moves_only_adapters_and_lowers_loss(hf):
         losses.append(float(value))
     assert losses[-1] < losses[0] - 0.1, losses  # one fixed batch: deterministic descent
     merged = rl.merge(rl.combine(adapters, base), cfg)
-    np.testing.assert_allclose(
-        call(model.module.apply, merged),
-        call(apply, rl.combine(adapters, base)),
-        rtol=1e-4,
-        atol=1e-4,
+    assert_close(
+        call(model.module.apply, merged), call(apply, rl.combine(adapters, base)), rel=1e-5
     )

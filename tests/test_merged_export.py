@@ -24,7 +24,8 @@ from safetensors import safe_open
 import rslora_jax as rl
 from rslora_jax.hf import load_pretrained, save_pretrained
 from rslora_jax.models import LlamaForCausalLM
-from tests._torch_ref import IDS, TINY, rel, torch_logits, torch_model
+from tests._asserts import assert_close, rel_error
+from tests._torch_ref import IDS, TINY, torch_logits, torch_model
 
 RTOL = 1e-5  # max |ours - transformers| / max |transformers logits|
 BF16_RTOL = 5e-2  # bf16 weights against the float32 result
@@ -90,8 +91,8 @@ def test_merged_export_matches_factored_forward(families, tmp_path, name, scan):
     save_pretrained(tmp_path, rl.merge(params, lcfg), config)
     reloaded = _reload(tmp_path)
     ref = torch_logits(reloaded)
-    assert rel(ref, torch_logits(family.model)) > 1e-2  # the adapters matter
-    assert rel(ours, ref) <= RTOL
+    assert rel_error(ref, torch_logits(family.model), norm="max") > 1e-2  # the adapters matter
+    assert_close(ours, ref, rel=RTOL, norm="max")
     # The stored weight is W + s * A @ B in (out, in) layout, written out here (float64).
     layers = params["model"]["layers"]
     q = layers["self_attn"]["q_proj"] if scan else layers["1"]["self_attn"]["q_proj"]
@@ -101,7 +102,7 @@ def test_merged_export_matches_factored_forward(families, tmp_path, name, scan):
     path = "model/layers/self_attn/q_proj" if scan else "model/layers/1/self_attn/q_proj"
     want = (w + lcfg.scale_for(path) * a @ b).T
     got = reloaded.model.layers[1].self_attn.q_proj.weight.detach().numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert_close(got, want, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
@@ -122,11 +123,10 @@ def test_merged_export_bf16(families, tmp_path, name):
     ref = torch_logits(reloaded)
     # Exactly the bf16 rounding of the float32 merged weights...
     rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), merged)
-    assert rel(_apply(config, None, rounded), ref) <= RTOL
+    assert_close(_apply(config, None, rounded), ref, rel=RTOL, norm="max")
     # ... and close to the float32 model.
-    err = rel(ref, ours)
-    assert err <= BF16_RTOL, err
+    assert_close(ref, ours, rel=BF16_RTOL, norm="max", what="bf16 export")
     # Also loads in bfloat16 as a server would.
     native = _reload(tmp_path)
     assert native.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
-    assert rel(torch_logits(native), ours) <= BF16_RTOL
+    assert_close(torch_logits(native), ours, rel=BF16_RTOL, norm="max", what="bf16 load")

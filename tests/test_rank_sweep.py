@@ -45,7 +45,8 @@ def test_small_sweep_writes_figures_and_table(tmp_path, capsys):
         assert np.isfinite(run["final_loss"]) and run["grad_norm_b_init"] > 0
         assert run["train_losses"][0] == run["first_loss"]
     # Same base, batch and init seed: at step 0 (B = 0) every run sees the base model's loss.
-    assert len({round(r["first_loss"], 5) for r in saved["runs"]}) == 1
+    first_losses = [r["first_loss"] for r in saved["runs"]]
+    assert np.ptp(first_losses) <= 1e-6 * max(first_losses)  # (rounding them can split a tie)
     assert set(saved["slopes"]) == set(methods)
     assert set(saved["final_losses"]) == {f"{m}/r{r}" for m in methods for r in (4, 16)}
 

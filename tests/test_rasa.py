@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rslora_jax as rl
+from tests._asserts import assert_close
 
 KEY = jax.random.key(0)
 D = 8  # model width
@@ -130,15 +131,6 @@ def _reference_kernels(adapted, scanned):
                 w = w + _rasa_update(h["lora_a"], h["lora_b"], h["lora_d"], a_s, b_s)
                 out["layers"][str(i)][mod]["kernel"] = w.astype(np.float32)
     return jax.tree.map(jnp.asarray, out)
-
-
-def _assert_trees_close(got, want, rtol=1e-4):
-    """Leafwise closeness relative to each leaf's scale (float32 sums reorder across paths)."""
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-        w = np.asarray(w)
-        atol = rtol * max(1.0, float(np.abs(w).max()))
-        np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module", params=["unscanned", "scanned"])
@@ -281,12 +273,12 @@ def test_forward_equals_merge_equals_formula(case):
     want = np.asarray(plain({"params": _reference_kernels(adapted, case["scanned"])}, x))
     assert np.abs(np.asarray(plain({"params": case["params"]}, x)) - want).max() > 1e-2
     factored = case["factored"]({"params": adapted}, x)
-    np.testing.assert_allclose(factored, want, rtol=2e-5, atol=2e-5)
+    assert_close(factored, want, rel=1e-5, what="factored")
     fused = rl.lora(case["model"].apply, case["cfg"], mode="fused")({"params": adapted}, x)
-    np.testing.assert_allclose(fused, want, rtol=2e-5, atol=2e-5)
+    assert_close(fused, want, rel=1e-5, what="fused")
     merged = rl.merge(adapted, case["cfg"])
     assert jax.tree.structure(merged) == jax.tree.structure(case["params"])
-    np.testing.assert_allclose(plain({"params": merged}, x), want, rtol=2e-5, atol=2e-5)
+    assert_close(plain({"params": merged}, x), want, rel=1e-5, what="merged")
     # B = 0 at init: the model's output is unchanged.
     np.testing.assert_array_equal(
         case["factored"]({"params": case["zero"]}, x), plain({"params": case["params"]}, x)
@@ -296,8 +288,9 @@ def test_forward_equals_merge_equals_formula(case):
 def test_factored_fused_and_merged_gradients_agree_and_reach_the_pool(case):
     g_f, g_m = case["grads"]["factored"], case["grads"]["merged"]
     assert jax.tree.structure(g_f) == jax.tree.structure(rl.split(case["adapted"])[0])
-    _assert_trees_close(g_f, g_m)
-    _assert_trees_close(case["grads"]["fused"], g_m)
+    # float32; the merged path rounds W + update (measured: 2e-6).
+    assert_close(g_f, g_m, rel=5e-5, what="factored")
+    assert_close(case["grads"]["fused"], g_m, rel=5e-5, what="fused")
     for path, g in jax.tree_util.tree_leaves_with_path(g_f):
         assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
 
@@ -305,9 +298,7 @@ def test_factored_fused_and_merged_gradients_agree_and_reach_the_pool(case):
 def test_unmerge_recovers_base(case):
     adapters, base = rl.split(case["adapted"])
     back = rl.unmerge(rl.merge(case["adapted"], case["cfg"]), adapters, case["cfg"])
-    assert jax.tree.structure(back) == jax.tree.structure(base)
-    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(base)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    assert_close(back, base, rel=1e-6)  # float32 rounding of (W + d) - d
 
 
 # ---------------------------------------------------------------------------- the paper's claim
@@ -480,7 +471,7 @@ def test_sharded_gradient_equals_single_device(case):
 
     fn = jax.jit(jax.grad(loss), in_shardings=(adapters_sh, base_sh), out_shardings=adapters_sh)
     got = fn(jax.device_put(adapters, adapters_sh), jax.device_put(base, base_sh))
-    _assert_trees_close(got, case["grads"]["factored"])
+    assert_close(got, case["grads"]["factored"], rel=5e-5)  # auto vs factored: measured 3e-6
     pool_a = got["lora_shared"]["layers"]["q_proj"]["lora_a"]
     assert pool_a.sharding.spec == P("data", None)
     assert {s.data.shape for s in pool_a.addressable_shards} == {(4, 3)}  # (8, 3) split on data

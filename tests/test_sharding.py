@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import rslora_jax as rl
+from tests._asserts import assert_close
 
 pytestmark = pytest.mark.loose_dtypes  # optax Adam (see test_optim)
 
@@ -67,20 +68,22 @@ def problem():
 
             value, grads = jax.value_and_grad(loss)(adapters)
             upd, state = opt.update(grads, state, adapters)
-            return optax.apply_updates(adapters, upd), state, value
+            return optax.apply_updates(adapters, upd), state, value, grads
 
         return step
 
     def run(step_fn, adapters, state, base, x, y, n=3):
         losses = []
         for _ in range(n):
-            adapters, state, value = step_fn(adapters, state, base, x, y)
+            adapters, state, value, _ = step_fn(adapters, state, base, x, y)
             losses.append(float(value))
-        return adapters, losses
+        return adapters, state, losses
 
     # The reference: one device, factored forward.
-    single = run(jax.jit(make_step("factored")), adapters, opt.init(adapters), base, x, y)
+    single_step = jax.jit(make_step("factored"))
+    single = run(single_step, adapters, opt.init(adapters), base, x, y)
     return dict(
+        single_step=single_step,
         base=base,
         adapters=adapters,
         opt=opt,
@@ -114,17 +117,23 @@ def test_sharded_step_equals_single_device(problem, layout, mode):
     step = jax.jit(
         p["make_step"](mode),
         in_shardings=(ad_sh, st_sh, base_sh, batch_sh, batch_sh),
-        out_shardings=(ad_sh, st_sh, NamedSharding(mesh, P())),
+        out_shardings=(ad_sh, st_sh, NamedSharding(mesh, P()), ad_sh),
     )
     adapters = jax.device_put(p["adapters"], ad_sh)
     base = jax.device_put(p["base"], base_sh)
     state = jax.jit(p["opt"].init, out_shardings=st_sh)(adapters)
-    out, losses = p["run"](step, adapters, state, base, p["x"], p["y"])
+    out, state, losses = p["run"](step, adapters, state, base, p["x"], p["y"])
 
-    want, want_losses = p["single"]
+    want, _, want_losses = p["single"]
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert jax.tree.structure(out) == jax.tree.structure(want)
+    # The trained adapters are not compared entry by entry (Adam turns a near-zero gradient's
+    # rounding into a whole lr-sized step): the gradients at the trained adapters are, sharded
+    # against one device.
+    grads = step(out, state, base, p["x"], p["y"])[3]
+    host = jax.device_get((out, state))
+    want_grads = p["single_step"](*host, p["base"], p["x"], p["y"])[3]
+    assert_close(grads, want_grads, rel=2e-5, what=f"{layout}/{mode}")
     # Adapters really are sharded as derived: A takes the kernel's input spec, B its output spec.
     up = LAYOUTS[layout]["up"]
     assert out["up"]["lora_a"].sharding.spec == P(up[0], None)
@@ -182,9 +191,7 @@ def test_merge_of_sharded_params_stays_sharded(problem, layout):
         jax.tree.leaves(want),
         jax.tree.leaves(base_shardings),
     ):
-        np.testing.assert_allclose(
-            got, ref, rtol=1e-6, atol=1e-6, err_msg=jax.tree_util.keystr(path)
-        )
+        assert_close(got, ref, rel=1e-6, what=jax.tree_util.keystr(path))
         assert got.sharding.is_equivalent_to(sh, got.ndim), (
             jax.tree_util.keystr(path),
             got.sharding,
