@@ -43,6 +43,7 @@ from rslora_jax._types import Array, Params, PRNGKey
 from rslora_jax.core import claim
 from rslora_jax.execution.dispatch import Contraction
 from rslora_jax.frontends.site import group_output, linen_dropout
+from rslora_jax.models.attention import attention
 from rslora_jax.models.llama.config import LlamaConfig
 
 # --------------------------------------------------------------------------------------------
@@ -190,20 +191,9 @@ class LlamaAttention(nn.Module):
         v = v.reshape(b, s, nkv, hd)
         q = _apply_rope(q, cos, sin)
         k = _apply_rope(k, cos, sin)
-        window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
 
         def attend(q: Array, k: Array, v: Array) -> Array:
-            # dot_product_attention promotes bf16 logits to float32 internally, which
-            # jax_numpy_dtype_promotion="strict" would reject; the result keeps q's dtype.
-            with jax.numpy_dtype_promotion("standard"):
-                return jax.nn.dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    is_causal=True,
-                    local_window_size=window,
-                    implementation=c.attention_impl,
-                )
+            return attention(q, k, v, window=c.sliding_window, impl=c.attention_impl)
 
         if c.attention_impl != "cudnn" and not c.remat:
             # The XLA path materialises (B, H, S, S) logits and probabilities: recompute them in
