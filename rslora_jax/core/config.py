@@ -30,6 +30,11 @@ Method and initialiser. `LoraConfig.method` holds the adapter method (`rslora_ja
 (``Kaiming()`` by default, ``Gaussian()``, ``PiSSA(niter=...)``, ``OLoRA()``; strings such as
 ``"pissa_niter_4"`` are accepted). The old flat keywords (``rasa=True, rasa_k=...``,
 ``use_dora=True``) still build the same config, and old flat config dicts still load.
+
+Beyond the adapters (`rslora_jax.core.extras`, PEFT's semantics): ``modules_to_save`` (modules
+trained in full, as copies), ``trainable_token_indices`` (rows of the embedding / output layer
+trained), ``bias`` (``"none"``, ``"all"``, ``"lora_only"``: biases trained) and ``lora_bias`` (a
+bias on B); embedding tables named by ``targets`` get LoRA on the lookup.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from rslora_jax.core.protocol import Initialiser, Method
 TargetSpec = str | Sequence[str] | Callable[[str, Any], bool]
 
 SCALINGS = ("rslora", "lora")
+BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
 # Output layers that "all-linear" leaves alone (as PEFT does).
 OUTPUT_LAYER_NAMES = ("lm_head",)
@@ -173,6 +179,19 @@ class LoraConfig:
         a string for all kernels of that many axes, or ``{path regex: string}``.
       method: the adapter method (`rslora_jax.methods`): ``LoRA()`` (default), ``RaSA(k=...,
         layer_pattern=..., init=...)`` or ``DoRA()``, an object, its name or its `to_dict`.
+      modules_to_save: PEFT's ``modules_to_save``: names of modules (dicts of the params tree)
+        trained in full beside the adapters, as trained copies that replace the base's (see
+        `rslora_jax.core.extras`). PEFT's matching rule: a module is selected when its path
+        ends with a name (``'.'`` or ``'/'`` separated: ``"lm_head"``, ``"model.norm"``).
+      trainable_token_indices: PEFT's ``trainable_token_indices``: a list of token ids whose
+        rows of the (only) embedding table are trained (and thereby those of a tied output
+        layer), or ``{module name: ids}`` for several tables (e.g. an untied ``lm_head``,
+        whose columns are the token rows). Only those rows are stored and trained.
+      bias: PEFT's ``bias``: ``"none"`` (default), ``"all"`` (every ``bias`` leaf trained) or
+        ``"lora_only"`` (the biases of adapted layers), as trained copies.
+      lora_bias: PEFT's ``lora_bias``: a trainable bias on B (``lora_bias`` ``(*l, d_out)``,
+        zeros), so the adapted layer computes ``y + gamma * ((x @ A) @ B + b)``. LoRA only;
+        merging folds it into the layer's bias, which must exist.
       **legacy: the old flat keywords, still accepted: ``use_dora=True`` (= ``method=DoRA()``),
         ``rasa=True`` with ``rasa_k``, ``rasa_layer_pattern``, ``rasa_init`` (=
         ``method=RaSA(k, layer_pattern, init)``). They can also be read as attributes
@@ -204,6 +223,10 @@ class LoraConfig:
     dtype: Any
     kernel_axes: str | tuple[tuple[str, str], ...] | None
     method: Method
+    modules_to_save: tuple[str, ...]
+    trainable_token_indices: tuple[int, ...] | tuple[tuple[str, tuple[int, ...]], ...] | None
+    bias: Literal["none", "all", "lora_only"]
+    lora_bias: bool
 
     def __init__(
         self,
@@ -220,6 +243,10 @@ class LoraConfig:
         dtype: Any = jnp.float32,
         kernel_axes: str | Mapping[str, str] | tuple[tuple[str, str], ...] | None = None,
         method: Method | str | Mapping[str, Any] | None = None,
+        modules_to_save: Sequence[str] | None = None,
+        trainable_token_indices: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
+        bias: Literal["none", "all", "lora_only"] = "none",
+        lora_bias: bool = False,
         **legacy: Any,
     ) -> None:
         set_ = object.__setattr__
@@ -286,6 +313,24 @@ class LoraConfig:
         set_(self, "kernel_axes", axes)
         set_(self, "method", _resolve_method(method, legacy))
         self.method.check(self)
+        set_(self, "modules_to_save", _check_names("modules_to_save", modules_to_save))
+        set_(self, "trainable_token_indices", _check_tokens(trainable_token_indices))
+        if bias not in BIAS_MODES:
+            raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {bias!r}")
+        set_(self, "bias", bias)
+        if not isinstance(lora_bias, bool):
+            raise ValueError(f"LoraConfig.lora_bias must be true or false, got {lora_bias!r}")
+        if lora_bias and (self.method.rescales_columns or self.method.shared_key is not None):
+            raise ValueError(
+                f"LoraConfig.lora_bias=True works with LoRA only, not with "
+                f"{self.method.title or self.method.name} (as PEFT refuses it with DoRA)"
+            )
+        if lora_bias and self.init.modifies_base:
+            raise ValueError(
+                f"LoraConfig.lora_bias=True cannot be combined with init={self.init.spec!r} "
+                "(as in PEFT: the base-modifying initialisers leave no room for a bias on B)"
+            )
+        set_(self, "lora_bias", lora_bias)
 
     def __getattr__(self, name: str) -> Any:
         # The old flat fields (config.rasa, config.use_dora, config.rasa_k ...), read off the
@@ -374,6 +419,23 @@ class LoraConfig:
         read ``config.init.niter``)."""
         return getattr(self.init, "niter", None)
 
+    def token_indices_for(self, path: str) -> tuple[int, ...] | None:
+        """The token ids whose rows `trainable_token_indices` trains in the table at `path`
+        (dict form: the first name that `path` ends with), or None. The list form names no
+        table: it applies to the model's input embedding (see `rslora_jax.core.extras`).
+
+        Example:
+          >>> LoraConfig(trainable_token_indices={"lm_head": [3, 1]}).token_indices_for("lm_head")
+          (3, 1)
+        """
+        spec = self.trainable_token_indices
+        if not spec or isinstance(spec[0], int):
+            return None
+        for name, ids in spec:
+            if path.endswith(name):
+                return ids
+        return None
+
     def is_fan_in_fan_out(self, path: str) -> bool:
         if isinstance(self.fan_in_fan_out, bool):
             return self.fan_in_fan_out
@@ -400,6 +462,11 @@ class LoraConfig:
                 )
             if field.name in ("method", "init"):
                 val = val.to_dict()
+            elif field.name == "trainable_token_indices":
+                if val is not None and val and not isinstance(val[0], int):
+                    val = {name: list(ids) for name, ids in val}
+                elif val is not None:
+                    val = list(val)
             elif isinstance(val, tuple) and field.name in (
                 "rank_pattern",
                 "alpha_pattern",
@@ -450,6 +517,54 @@ def _resolve_method(method: Any, legacy: Mapping[str, Any]) -> Method:
     return parsed
 
 
+def _check_names(field: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(
+            f"LoraConfig.{field} must be a list of module names (e.g. ['lm_head']), got {value!r}"
+        )
+    names = []
+    for name in value:
+        if not isinstance(name, str) or not name.strip("./"):
+            raise ValueError(f"LoraConfig.{field}: {name!r} is not a module name")
+        names.append(name.replace(".", "/"))
+    return tuple(names)
+
+
+def _check_ids(where: str, ids: Any) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or not ids:
+        raise ValueError(f"LoraConfig.{where} must be a non-empty list of token ids, got {ids!r}")
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+            raise ValueError(f"LoraConfig.{where}: {i!r} is not a token id (an int >= 0)")
+        out.append(int(i))
+    if len(set(out)) != len(out):
+        dup = sorted({i for i in out if out.count(i) > 1})
+        raise ValueError(f"LoraConfig.{where} lists token ids more than once: {dup}")
+    return tuple(out)
+
+
+def _check_tokens(value: Any) -> Any:
+    field = "trainable_token_indices"
+    if value is None:
+        return None
+    if isinstance(value, Mapping) or (
+        isinstance(value, tuple) and value and all(isinstance(p, tuple) for p in value)
+    ):
+        items = value.items() if isinstance(value, Mapping) else value
+        out = []
+        for name, ids in items:
+            if not isinstance(name, str) or not name.strip("./"):
+                raise ValueError(f"LoraConfig.{field}: {name!r} is not a module name")
+            out.append((name.replace(".", "/"), _check_ids(f"{field}[{name!r}]", ids)))
+        if not out:
+            raise ValueError(f"LoraConfig.{field} must not be empty (None: no trainable tokens)")
+        return tuple(out)
+    return _check_ids(field, value)
+
+
 def _check_alpha(field: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ValueError(f"LoraConfig.{field} must be a positive number, got {value!r}")
@@ -458,4 +573,4 @@ def _check_alpha(field: str, value: Any) -> float:
     return float(value)
 
 
-__all__ = ["ALL_LINEAR", "LoraConfig", "matches"]
+__all__ = ["ALL_LINEAR", "BIAS_MODES", "LoraConfig", "matches"]

@@ -30,8 +30,11 @@ def site_for(config: LoraConfig, path: str, keys: tuple, kernel: object) -> Site
     )
 
 
-def target_sites(params: PyTree, config: LoraConfig) -> list[Site]:
+def target_sites(params: PyTree, config: LoraConfig, *, allow_empty: bool = False) -> list[Site]:
     """The sites `config` adapts in `params`, in tree order.
+
+    `allow_empty`: return ``[]`` instead of raising when no kernel matches (the targets name
+    only embedding tables, `rslora_jax.core.extras`).
 
     Raises:
       ValueError: if nothing matches (the message lists candidate paths), if a target already
@@ -49,7 +52,7 @@ def target_sites(params: PyTree, config: LoraConfig) -> list[Site]:
         path = join_path(keys)
         if config.is_target(path, holder[KERNEL]):
             chosen.append((path, keys, holder))
-    if not chosen:
+    if not chosen and not allow_empty:
         candidates = [join_path(k) for k, _ in holders]
         shown = ", ".join(repr(c) for c in candidates[:30])
         more = f" (and {len(candidates) - 30} more)" if len(candidates) > 30 else ""

@@ -28,6 +28,12 @@ Methods come in through the protocol (`rslora_jax.frontends.site`): the method's
 (RaSA: ``[A_i | A_S], diag(d_i) [B_i ; B_S]`` with scale 1; the top-level ``lora_shared`` pools
 are taken out of the params before the model runs and handed to the interceptor, so they reach
 layers inside ``nn.scan``) and column rescale (DoRA: ``m / ||W + gamma*A@B||``, detached norm).
+
+The extras (`rslora_jax.core.extras`): trained copies and token rows are written over the base
+leaves before the model runs (`rslora_jax.ops.extras.substitute`); the lookup of an ``nn.Embed``
+whose table has LoRA gets ``gamma * A[ids] @ B`` added (as PEFT's embedding layer; its
+``attend``, the tied output layer, keeps the table, as in PEFT); a bias on B is added to its
+layer's output. ``mode="merged"`` folds them all in.
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ from typing import Any, Literal
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rslora_jax.core import claim
+from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.tree import (
     adapter_leaves,
@@ -53,7 +61,14 @@ from rslora_jax.core.tree import (
 )
 from rslora_jax.execution.dispatch import Contraction, adapted
 from rslora_jax.execution.lowrank import einsum_roles
-from rslora_jax.frontends.site import DROPOUT_RNG, linen_dropout, method_inputs
+from rslora_jax.frontends.site import (
+    DROPOUT_RNG,
+    add_bias,
+    linen_dropout,
+    method_inputs,
+    split_bias,
+)
+from rslora_jax.ops import extras as extras_ops
 from rslora_jax.ops.merge import merge, merged_kernels
 
 Mode = Literal["auto", "factored", "fused", "merged"]
@@ -188,6 +203,28 @@ def _adapted(module: nn.Module) -> bool:
     return is_adapted(module.variables.get("params", {}))
 
 
+def _embedding_adapter(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embed) and ex.EMBEDDING_A in module.variables.get("params", {})
+
+
+def _embedding_lookup(module: nn.Module, config: LoraConfig, y: jax.Array, ids: Any) -> jax.Array:
+    """``y + gamma * A[ids] @ B`` for an ``nn.Embed`` call whose table has LoRA (PEFT's
+    ``lora.Embedding``: no dropout on the lookup), in the layer's output dtype."""
+    params = module.variables["params"]
+    path = join_path(module.path)
+    a, b = params[ex.EMBEDDING_A], params[ex.EMBEDDING_B]
+    table = params[ex.EMBEDDING]
+    if a.shape != (table.shape[0], b.shape[0]) or b.shape[1] != table.shape[1]:
+        raise ValueError(
+            f"embedding adapter at {path!r}: lora_embedding_a {tuple(a.shape)} and "
+            f"lora_embedding_b {tuple(b.shape)} do not fit the table {tuple(table.shape)}"
+        )
+    dtype = y.dtype
+    rows = jnp.take(a, jnp.asarray(ids), axis=0).astype(dtype)
+    delta = jnp.matmul(rows, b.astype(dtype), precision=getattr(module, "precision", None))
+    return y + (delta * jnp.asarray(config.scale_for(path), dtype)).astype(dtype)
+
+
 def _interceptor(
     config: LoraConfig,
     handled: set[str],
@@ -198,6 +235,13 @@ def _interceptor(
 ):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
+        if context.method_name == "__call__" and _embedding_adapter(module):
+            handled.add(join_path(module.path))
+            y = next_fun(*args, **kwargs)
+            if not compute or join_path(module.path) in skip:
+                return y
+            x, _ = _call_args(module, args, kwargs)
+            return _embedding_lookup(module, config, y, x)
         if context.method_name != "__call__" or not _adapted(module):
             return next_fun(*args, **kwargs)
         desc = _describe(module, args, kwargs, config)
@@ -209,14 +253,14 @@ def _interceptor(
         if (ctx is not None and path in ctx.claimed) or not compute:
             return next_fun(*args, **kwargs)
         x, lin = desc
-        leaves = adapter_leaves(module.variables.get("params", {}))
+        leaves, bias = split_bias(adapter_leaves(module.variables.get("params", {})))
         pair, col = method_inputs(config, leaves, path, shared, lin)
 
         def base(inp: jax.Array) -> jax.Array:
             a, kw = _with_input(args, kwargs, inp)
             return next_fun(*a, **kw)
 
-        return adapted(
+        y = adapted(
             x,
             lin,
             pair,
@@ -225,6 +269,7 @@ def _interceptor(
             mode=mode,
             dropout=linen_dropout(module, config.dropout),
         )
+        return add_bias(y, bias, config.scale_for(path), path)
 
     return intercept
 
@@ -334,12 +379,16 @@ def lora(
                     "adapter dropout needs the factored forward; use mode='factored' or 'auto'"
                 )
             return apply_fn({**variables, "params": merge(params, config)}, *args, **kwargs)
+        # Trained copies and token rows replace the base leaves (differentiably).
+        params = extras_ops.substitute(params, config)
+        variables = {**variables, "params": params}
         shared = global_entries(params)
         if shared:
             # Top-level entries (RaSA's pools) go to the interceptor; the model never sees them.
             params = {k: v for k, v in params.items() if k not in shared}
             variables = {**variables, "params": params}
-        wanted = set(adapter_paths(params))
+        embeddings = extras_ops.embedding_paths(params)
+        wanted = set(adapter_paths(params)) | embeddings
         skip: frozenset[str] = frozenset()
         if mode in ("auto", "fused"):
             key = _signature((variables, args, kwargs))
@@ -350,7 +399,9 @@ def lora(
                     plans[key] = plan
             unhandled = wanted - plan
             if unhandled:
-                params = merged_kernels({**params, **shared}, config, unhandled)
+                params = merged_kernels({**params, **shared}, config, unhandled - embeddings)
+                if unhandled & embeddings:  # tables not read through nn.Embed: merged
+                    params = extras_ops.fold(params, config, embeddings=unhandled & embeddings)
                 params = {k: v for k, v in params.items() if k not in shared}
                 variables = {**variables, "params": params}
                 skip = frozenset(unhandled)
@@ -365,8 +416,8 @@ def lora(
         if mode == "factored" and missing:
             raise ValueError(
                 "mode='factored' cannot compute the adapters at "
-                f"{sorted(missing)}: their modules are not Dense, DenseGeneral, Einsum or a "
-                "registered Dense-like module (rslora_jax.register_dense_like), or were never "
+                f"{sorted(missing)}: their modules are not Dense, DenseGeneral, Einsum, Embed or "
+                "a registered Dense-like module (rslora_jax.register_dense_like), or were never "
                 "called. Use mode='auto' (merges those) or mode='merged'"
             )
         return out

@@ -78,6 +78,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rslora_jax._types import PRNGKey, PyTree
 from rslora_jax.core.config import LoraConfig
+from rslora_jax.core.extras import has_extras
 from rslora_jax.core.protocol import shared_key_owner
 from rslora_jax.core.tree import KERNEL, get, is_adapter_key, set_in
 from rslora_jax.execution.dispatch import Contraction, adapted, fuses
@@ -703,6 +704,12 @@ def add_adapters(
       (3,)
     """
     _check_call(config, mode, dropout_rngs)
+    if has_extras(config):  # rslora_jax.core.extras: linen (rslora_jax.lora) and the core only
+        raise ValueError(
+            "rslora_jax.nnx.add_adapters does not implement modules_to_save, "
+            "trainable_token_indices, bias or lora_bias; use the linen frontend "
+            "(rslora_jax.lora) or the merged recipe (rslora_jax.init on nnx.to_pure_dict(state))"
+        )
     plan, tree = _plan(model, config)
     cfg = _with_axes(config, plan)
     method = cfg.method

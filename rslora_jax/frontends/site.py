@@ -3,7 +3,9 @@
 Shared by the linen interceptor (`rslora_jax.frontends.linen`), the NNX layers
 (`rslora_jax.frontends.nnx`) and the built-in models' grouped projections: a frontend describes
 the layer as a `rslora_jax.execution.dispatch.Contraction`, `method_inputs` gets the factor pair
-and column rescale from the config's method, and `rslora_jax.execution.dispatch` computes.
+and column rescale from the config's method, and `rslora_jax.execution.dispatch` computes. A bias on B (PEFT's ``lora_bias``,
+`rslora_jax.core.extras`) is taken out of the leaves before the method sees them and added to
+the output: ``y + gamma * b`` (`split_bias`, `add_bias`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rslora_jax.core import extras as ex
 from rslora_jax.core.claim import Claims
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.layout import KernelLayout
@@ -61,6 +64,34 @@ def method_inputs(
     return (a, b, scale), col
 
 
+def split_bias(leaves: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``(the method's leaves, the bias on B or None)`` of one adapted layer's leaves."""
+    rest = {k: v for k, v in leaves.items() if k != ex.BIAS}
+    return rest, leaves.get(ex.BIAS)
+
+
+def add_bias(y: jax.Array, bias: Any, scale: float, path: str) -> jax.Array:
+    """``y + scale * bias`` over `y`'s trailing output axes (a no-op for a None bias).
+
+    Raises:
+      ValueError: the bias does not match the output's trailing axes.
+    """
+    if bias is None:
+        return y
+    size = int(bias.shape[-1])
+    n, total = 0, 1
+    while total < size and n < y.ndim:
+        n += 1
+        total *= int(y.shape[y.ndim - n])
+    if total != size:
+        raise ValueError(
+            f"lora_bias at {path!r} has {size} entries, which do not match the trailing axes of "
+            f"the layer's output {tuple(y.shape)}"
+        )
+    b = bias.reshape(y.shape[y.ndim - n :]).astype(jnp.float32) * jnp.float32(scale)
+    return y + b.astype(y.dtype)
+
+
 def linen_dropout(module: Any, rate: float) -> Callable[[jax.Array], jax.Array] | None:
     """The adapter-input dropout of a linen call, or None when inactive (no rate, or no
     ``rngs={"lora_dropout": key}`` stream). Each call of the result draws a new mask."""
@@ -91,15 +122,25 @@ def group_output(
     Returns:
       One output per entry.
     """
-    pairs, cols, lins, bases, drops = [], [], [], [], []
+    pairs, cols, lins, bases, drops, biases = [], [], [], [], [], []
     for path, holder, lin, base in entries:
-        pair, col = method_inputs(claims.config, adapter_leaves(holder), path, claims.shared, lin)
+        leaves, bias = split_bias(adapter_leaves(holder))
+        pair, col = method_inputs(claims.config, leaves, path, claims.shared, lin)
+        biases.append((bias, path))
         pairs.append(pair)
         cols.append(col)
         lins.append(lin)
         bases.append(base)
         drops.append(dropout() if dropout is not None else None)
-    return adapted_group(x, lins, pairs, bases=bases, cols=cols, mode=claims.mode, dropouts=drops)
+    ys = adapted_group(x, lins, pairs, bases=bases, cols=cols, mode=claims.mode, dropouts=drops)
+    return [add_bias(y, b, claims.config.scale_for(path), path) for y, (b, path) in zip(ys, biases)]
 
 
-__all__ = ["DROPOUT_RNG", "group_output", "linen_dropout", "method_inputs"]
+__all__ = [
+    "DROPOUT_RNG",
+    "add_bias",
+    "group_output",
+    "linen_dropout",
+    "method_inputs",
+    "split_bias",
+]

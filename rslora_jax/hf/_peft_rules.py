@@ -5,7 +5,8 @@
 - per-module values from ``rank_pattern`` / ``alpha_pattern`` (the first key matching a
   '.'-bounded suffix of the module name) and the inverse: patterns that reproduce given values,
 - the options import_peft refuses (anything that changes what the adapter computes and that we
-  do not implement).
+  do not implement); ``modules_to_save``, ``bias``, ``lora_bias`` and
+  ``trainable_token_indices`` are implemented (`rslora_jax.hf.peft.extras`) and only checked.
 
 Method-specific fields (``use_dora``, ``init_lora_weights``) are checked in
 :mod:`rslora_jax.hf.peft`'s "adapter methods" section.
@@ -14,7 +15,6 @@ Method-specific fields (``use_dora``, ``init_lora_weights``) are checked in
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,10 @@ from rslora_jax.models.families import LinearModule
 # adapter_config.json fields that change what the adapter computes and that we do not
 # implement: importing refuses any value other than the neutral one.
 NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "bias": ("none",),
     "fan_in_fan_out": (False, None),
-    "lora_bias": (False, None),
     "use_qalora": (False, None),
     "layer_replication": (None, []),
     "target_parameters": (None, []),
-    "trainable_token_indices": (None, [], {}),
     "alora_invocation_tokens": (None, []),
     "use_bdlora": (None, False),
     "arrow_config": (None,),
@@ -119,18 +116,31 @@ def check_options(meta: Mapping[str, Any], path: Path, strict: bool) -> None:
                 f"{where} sets {field}={meta[field]!r}, which rslora_jax does not implement "
                 f"(supported: {neutral[0]!r})"
             )
+    del strict
     to_save = meta.get("modules_to_save")
-    if to_save not in (None, []):
-        if strict:
-            raise ValueError(
-                f"{where} sets modules_to_save={to_save!r}: full copies of modules are not "
-                "supported (pass strict=False to ignore them, which changes the outputs)"
-            )
-        warnings.warn(
-            f"{where}: ignoring modules_to_save={to_save!r} (strict=False)",
-            PeftFormatWarning,
-            stacklevel=3,
+    if to_save is not None and (
+        not isinstance(to_save, (list, str))
+        or (isinstance(to_save, list) and not all(isinstance(n, str) and n for n in to_save))
+    ):
+        raise ValueError(f"{where}: modules_to_save={to_save!r} must be a list of module names")
+    if meta.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise ValueError(
+            f"{where} sets bias={meta['bias']!r}; expected 'none', 'all' or 'lora_only'"
         )
+    for field in ("lora_bias", "ensure_weight_tying"):
+        if meta.get(field) not in (None, True, False):
+            raise ValueError(f"{where}: {field}={meta[field]!r} must be true or false")
+    tokens = meta.get("trainable_token_indices")
+    if tokens is not None:
+        groups = tokens.values() if isinstance(tokens, dict) else [tokens]
+        for ids in groups:
+            if not isinstance(ids, list) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+            ):
+                raise ValueError(
+                    f"{where}: trainable_token_indices={tokens!r} must be a list of token ids or "
+                    "{module name: list of token ids}"
+                )
     r = meta.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ValueError(f"{where}: r={r!r} must be a positive int")

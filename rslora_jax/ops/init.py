@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from rslora_jax._types import PRNGKey, PyTree
+from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
-from rslora_jax.core.sites import path_key, target_sites
-from rslora_jax.core.tree import KERNEL, combine, get, join_path, set_in
+from rslora_jax.core.sites import path_key
+from rslora_jax.core.tree import KERNEL, combine, get, join_path, merge_disjoint, set_in
+from rslora_jax.ops.extras import init_extras
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -29,7 +31,12 @@ def init_adapters(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
     Only the kernels' shapes are read, so `params` may be abstract (`jax.ShapeDtypeStruct`
     leaves, e.g. from `jax.eval_shape`): build adapters for a model that is not materialised yet,
     or under `jax.jit` with ``out_shardings`` from `partition_specs`. Exceptions: DoRA reads the
-    kernels' values for its magnitudes, and PiSSA/OLoRA change the base, so they need `init`.
+    kernels' values for its magnitudes, the trained copies and token rows of
+    ``modules_to_save``, ``bias`` and ``trainable_token_indices`` copy the base's values (trace
+    with the params as an argument), and PiSSA/OLoRA change the base, so they need `init`.
+
+    The extras (`rslora_jax.core.extras`) come in the same tree: ``lora_full`` copies,
+    ``lora_tokens`` rows, embedding factors, biases on B.
 
     Args:
       params: the parameter tree (nested dicts).
@@ -56,7 +63,11 @@ def init_adapters(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
             "init_adapters cannot return the adapters alone; use rslora_jax.init, or "
             "rslora_jax.principal_init for the pair (adapters, base)"
         )
-    return config.method.init_adapters(params, target_sites(params, config), config, key)
+    plan = ex.plan(params, config)
+    tree = config.method.init_adapters(params, list(plan.sites), config, key) if plan.sites else {}
+    if not plan.any:
+        return tree
+    return merge_disjoint(tree, init_extras(params, config, key, plan))
 
 
 def init(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
@@ -125,7 +136,8 @@ def principal_init(params: PyTree, config: LoraConfig, key: PRNGKey) -> tuple[Py
     """
     if not config.init.modifies_base:
         raise ValueError(f"principal_init needs init='pissa'/'olora', got {config.init.spec!r}")
-    sites = target_sites(params, config)
+    plan = ex.plan(params, config)
+    sites = list(plan.sites)
     kernels = {}
     for site in sites:
         kernel = get(params, site.keys)[KERNEL]
@@ -151,6 +163,8 @@ def principal_init(params: PyTree, config: LoraConfig, key: PRNGKey) -> tuple[Py
         return adapters, new_kernels
 
     adapters, new_kernels = jax.jit(run)(kernels, key)
+    if plan.any:
+        adapters = merge_disjoint(adapters, init_extras(params, config, key, plan))
     return adapters, _replace_kernels(params, new_kernels, ())
 
 

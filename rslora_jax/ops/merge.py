@@ -8,6 +8,11 @@ updates that a bf16 accumulation would round away. Unmerging divides by ``c`` an
 update; a method that rescales columns needs the scales the merge used
 (``merge(..., return_column_scales=True)``), since the merged kernel keeps only each column's
 direction (PEFT keeps them in a cache for the same reason).
+
+The extras (`rslora_jax.core.extras`) are folded in first (`rslora_jax.ops.extras.fold`):
+trained copies (``modules_to_save``, biases) replace the base's leaves, trained token rows are
+written into their tables, adapted embedding tables become ``E + gamma * A @ B`` and a bias on B
+is added to the layer's bias (``bias + gamma * b``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from rslora_jax._types import PyTree
+from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.protocol import Site
 from rslora_jax.core.sites import site_for
@@ -31,6 +37,7 @@ from rslora_jax.core.tree import (
     rebuild,
     split,
 )
+from rslora_jax.ops.extras import bias_update, fold, unfold
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -102,10 +109,11 @@ def merge(params: PyTree, config: LoraConfig, *, return_column_scales: bool = Fa
       >>> merge(p, cfg)["d"]["kernel"].tolist()  # 2/sqrt(1) * ones
       [[2.0, 2.0], [2.0, 2.0]]
     """
+    params = fold(params, config)
     shared = global_entries(params)
     scales: dict[str, jax.Array] = {}
 
-    def fold(path: str, holder: Mapping[str, Any]) -> dict[str, Any]:
+    def fold_site(path: str, holder: Mapping[str, Any]) -> dict[str, Any]:
         site = _site(config, path, holder)
         _, v, c = site_update(holder, site, config, shared)
         if c is not None:
@@ -115,7 +123,7 @@ def merge(params: PyTree, config: LoraConfig, *, return_column_scales: bool = Fa
         out[KERNEL] = site.layout.to_kernel(v).astype(holder[KERNEL].dtype)
         return out
 
-    merged = rebuild(params, fold)
+    merged = rebuild(params, fold_site)
     return (merged, scales) if return_column_scales else merged
 
 
@@ -141,7 +149,8 @@ def unmerge(
       The base tree (no adapter leaves).
 
     Raises:
-      ValueError: if the method rescales columns and `column_scales` misses a path.
+      ValueError: if the method rescales columns and `column_scales` misses a path, or the
+        adapters hold trained copies or token rows (the values they replaced are gone).
 
     Example:
       >>> import jax.numpy as jnp
@@ -151,11 +160,11 @@ def unmerge(
       [[0.0, 0.0], [0.0, 0.0]]
     """
     adapters, _ = split(adapters)
-    full = combine(adapters, merged)
+    full = unfold(combine(adapters, merged), config)
     shared = global_entries(full)
     method = config.method
 
-    def unfold(path: str, holder: Mapping[str, Any]) -> dict[str, Any]:
+    def unfold_site(path: str, holder: Mapping[str, Any]) -> dict[str, Any]:
         site = _site(config, path, holder)
         method.check_leaves(adapter_leaves(holder), site, config, shared)
         a, b, scale = method.pair(adapter_leaves(holder), path, config, shared)
@@ -175,21 +184,25 @@ def unmerge(
         out[KERNEL] = site.layout.to_kernel(w - f32(scale) * ab).astype(holder[KERNEL].dtype)
         return out
 
-    return rebuild(full, unfold)
+    return rebuild(full, unfold_site)
 
 
 def merged_kernels(params: PyTree, config: LoraConfig, paths: set[str]) -> PyTree:
-    """Like `merge`, but only for `paths`; other adapters (and top-level entries) stay."""
+    """Like `merge`, but only for `paths`; other adapters (and top-level entries) stay. A bias
+    on B at those paths is folded into the layer's bias."""
     shared = global_entries(params)
 
-    def fold(path: str, holder: Mapping[str, Any]) -> dict[str, Any]:
+    def fold_site(path: str, holder: Mapping[str, Any]) -> dict[str, Any]:
         if path not in paths:
             return dict(holder)
         out = {k: v for k, v in holder.items() if not is_adapter_key(k)}
+        if ex.BIAS in holder:
+            out[ex.BIAS_LEAF] = bias_update(holder, path, config).astype(holder[ex.BIAS_LEAF].dtype)
+            holder = {k: v for k, v in holder.items() if k != ex.BIAS}
         out[KERNEL] = updated_kernel(holder, path, config, shared).astype(holder[KERNEL].dtype)
         return out
 
-    return rebuild(params, fold, drop_adapters=False)
+    return rebuild(params, fold_site, drop_adapters=False)
 
 
 __all__ = ["merge", "merged_kernels", "site_update", "unmerge", "updated_kernel"]

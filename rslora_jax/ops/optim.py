@@ -23,6 +23,7 @@ import jax
 import optax
 
 from rslora_jax._types import PyTree
+from rslora_jax.core import extras as ex
 from rslora_jax.core.protocol import leaf_role
 from rslora_jax.core.tree import is_adapter_path
 
@@ -37,10 +38,15 @@ def _leaf_name(path: tuple) -> Any:
     return getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
 
 
+def _role(path: tuple) -> Any:
+    name = _leaf_name(path)
+    return ex.role(name) or leaf_role(name)
+
+
 def _trained(path: tuple) -> bool:
     if not is_adapter_path(path):
         return False
-    role = leaf_role(_leaf_name(path))
+    role = _role(path)
     return role is None or role.trainable
 
 
@@ -65,8 +71,15 @@ def lora_plus_labels(tree: PyTree) -> PyTree:
       {'d': {'kernel': 'other', 'lora_a': 'other', 'lora_b': 'fast'}}
     """
 
-    def label(path: tuple, _: Any) -> str:
-        role = leaf_role(_leaf_name(path)) if is_adapter_path(path) else None
+    def label(path: tuple, leaf: Any) -> str:
+        if not is_adapter_path(path):
+            return OTHER
+        keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+        if ex.FULL in keys:
+            return FAST if ex.is_fast_copy(keys, leaf) else OTHER
+        if ex.TOKENS in keys:
+            return OTHER
+        role = _role(path)
         return FAST if role is not None and role.fast else OTHER
 
     return jax.tree_util.tree_map_with_path(label, tree)

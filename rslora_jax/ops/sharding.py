@@ -7,6 +7,11 @@ method declares (`rslora_jax.core.Leaf`): ``"a"`` and ``"b"`` as A and B, ``"out
 output feature, e.g. DoRA's magnitude) the output spec, ``"rank"`` (e.g. RaSA's diagonal) the
 layer axes' spec and otherwise replicated. A method's top-level shared entry (RaSA's pools) gets
 the specs its method derives from its members' (`Method.shared_specs`).
+
+The extras (`rslora_jax.core.extras`) follow the leaves they change: a trained copy
+(``lora_full``) takes the spec of the leaf it replaces, token rows (``lora_tokens``) that spec
+with the token axis replicated, the embedding factors the table's vocabulary spec (A) and
+feature spec (B), as A and B of an ``(in, out)`` kernel, a bias on B the output spec.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rslora_jax._types import PyTree
+from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.protocol import leaf_role
 from rslora_jax.core.sites import layout_for
@@ -145,6 +151,7 @@ def _specs(
         if key not in specs:
             raise ValueError(f"base_specs has no entry for {join_path((*prefix, key))!r}")
         out[key] = _specs(val, specs[key], config, (*prefix, key), members, meshes)
+    out.update(_extra_specs(tree, specs, config, prefix))
     if is_adapted(tree):
         path = join_path(prefix)
         kernel_spec = specs[KERNEL]
@@ -158,7 +165,7 @@ def _specs(
         _, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
         members[path] = (in_spec, out_spec)
         for key in tree:
-            if not is_adapter_key(key):
+            if not is_adapter_key(key) or key in out:
                 continue
             role = leaf_role(key)
             if role is None:
@@ -170,11 +177,61 @@ def _specs(
             out[key] = NamedSharding(mesh, spec) if mesh is not None else spec
     elif prefix:
         for key in tree:
-            if is_adapter_key(key):
+            if is_adapter_key(key) and key not in out:
                 raise ValueError(
                     f"no sharding rule for adapter leaf {join_path((*prefix, key))!r}; "
                     "give its spec explicitly"
                 )
+    return out
+
+
+def _spec_of(spec: Any) -> tuple[Any, PartitionSpec]:
+    if isinstance(spec, NamedSharding):
+        return spec.mesh, spec.spec
+    return None, PartitionSpec() if spec is None else spec
+
+
+def _on(mesh: Any, spec: PartitionSpec) -> Any:
+    return NamedSharding(mesh, spec) if mesh is not None else spec
+
+
+def _mirror(copy: Any, specs: Any, where: str) -> Any:
+    """The base's specs for the leaves a trained copy holds."""
+    if not isinstance(copy, Mapping):
+        return specs
+    if not isinstance(specs, Mapping):
+        raise ValueError(f"base_specs at {where!r} is {specs!r}, but a trained copy has a dict")
+    out = {}
+    for key, val in copy.items():
+        if key not in specs:
+            raise ValueError(f"base_specs has no entry for {where}/{key!r} (a trained copy)")
+        out[key] = _mirror(val, specs[key], f"{where}/{key}")
+    return out
+
+
+def _extra_specs(tree: Mapping, specs: Mapping, config: LoraConfig, prefix: tuple) -> dict:
+    """Specs of the extras in one dict of the params (see the module docstring)."""
+    out: dict[str, Any] = {}
+    path = join_path(prefix)
+    if ex.FULL in tree:
+        out[ex.FULL] = _mirror(tree[ex.FULL], specs, path)
+    if ex.TOKENS in tree:
+        rows = {}
+        for leaf, value in tree[ex.TOKENS].items():
+            mesh, spec = _spec_of(specs.get(leaf))
+            entries = _entries(spec, len(value.shape))
+            axis = 0 if leaf == ex.EMBEDDING else config.axes_for(path, value.shape).index("o")
+            entries[axis] = None
+            rows[leaf] = _on(mesh, PartitionSpec(*entries))
+        out[ex.TOKENS] = rows
+    if ex.EMBEDDING_A in tree:
+        mesh, spec = _spec_of(specs.get(ex.EMBEDDING))
+        for key in (ex.EMBEDDING_A, ex.EMBEDDING_B):
+            out[key] = _on(mesh, leaf_spec(ex.ROLES[key].layout, spec, "io"))
+    if ex.BIAS in tree and KERNEL in tree:
+        mesh, spec = _spec_of(specs.get(KERNEL))
+        axes = layout_for(config, path, tree[KERNEL]).axes
+        out[ex.BIAS] = _on(mesh, leaf_spec("out", spec, axes))
     return out
 
 

@@ -94,12 +94,13 @@ def known_specs() -> dict[str, tuple[LeafSpec, type[Method]]]:
     return out
 
 
-# PEFT suffixes we know but cannot represent (named in the error message).
+# PEFT suffixes of keys left over after the import (named in the error message).
 UNSUPPORTED_SUFFIXES = {
-    "lora_embedding_A": "LoRA on an embedding",
-    "lora_embedding_B": "LoRA on an embedding",
-    "lora_B.bias": "lora_bias=True",
-    "lora_E": "AdaLoRA",
+    "lora_embedding_A": "LoRA on an embedding that target_modules does not select",
+    "lora_embedding_B": "LoRA on an embedding that target_modules does not select",
+    "lora_B.bias": "a bias on B, but the config has no lora_bias=true",
+    "token_adapter.trainable_tokens_delta": "token rows trainable_token_indices does not name",
+    "lora_E": "AdaLoRA is not supported",
 }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from rslora_jax import _files
 from rslora_jax._types import Params
+from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.tree import (
     KERNEL,
@@ -33,6 +34,7 @@ from rslora_jax.hf.peft._format import (
     method_to_peft,
     refuse_without_peft_format,
 )
+from rslora_jax.hf.peft.extras import export_extras, with_embeddings
 from rslora_jax.models.families import LinearModule, family_of
 
 
@@ -57,6 +59,11 @@ def export_peft(
     key names and (out, in) layouts. ``PeftModel.from_pretrained(model, directory)`` on the
     transformers model of the same base then computes the same logits as
     ``rslora_jax.lora(LlamaForCausalLM(config).apply, lora_config)``.
+
+    The extras (`rslora_jax.core.extras`) go under PEFT's names (`rslora_jax.hf.peft.extras`):
+    trained copies as ``modules_to_save`` (and ``bias``), token rows as
+    ``trainable_token_indices``, biases on B as ``lora_bias``, embedding adapters as
+    ``lora_embedding_A`` / ``lora_embedding_B`` with the table in ``target_modules``.
 
     ``init_lora_weights`` records `lora_config.init` in PEFT's terms (True for
     ``kaiming_uniform``). With PiSSA/OLoRA (``init="pissa"``/``"olora"``), PEFT recomputes the
@@ -119,7 +126,8 @@ def export_peft(
     model_cfg = fam.config(model_config, scan_layers=scanned, where=where)
     modules = base_modules(fam, params, model_cfg, where)
     holders = adapted_holders(params)
-    if not holders:
+    extra = export_extras(params, lora_config, fam, model_cfg, scanned, out_dtype, where)
+    if not holders and not extra.embeddings:
         raise ValueError(f"{where}: params hold no adapters (no kernel with adapter leaves)")
     specs = leaves_for(lora_config)
 
@@ -131,7 +139,7 @@ def export_peft(
         module = modules[path]
         adapted_paths.add(path)
         _check_export_axes(lora_config, path, holder[KERNEL], module)
-        present = {k for k in holder if is_adapter_key(k)}
+        present = {k for k in holder if is_adapter_key(k) and k not in ex.KEYS}
         known = {spec.ours for spec, _ in known_specs().values()}
         unknown = sorted(present - known)
         if unknown:
@@ -176,7 +184,13 @@ def export_peft(
                 dt = arr.dtype if out_dtype is None else out_dtype
                 tensors[f"{PEFT_PREFIX}{name}.{spec.peft}"] = np.ascontiguousarray(x, dtype=dt)
 
+    tensors.update(extra.tensors)
+    for name, (r, alpha) in extra.embeddings.items():
+        ranks[name], alphas[name] = r, alpha
     adapted_names = [n for p in sorted(adapted_paths) for n in modules[p].names]
+    linear_targets = rules.target_modules(modules, adapted_paths) if adapted_paths else []
+    target_modules = with_embeddings(linear_targets, set(adapted_names), list(extra.embeddings))
+    adapted_names += list(extra.embeddings)
     if base_model_name_or_path is None and not isinstance(model_config, fam.config_class):
         base_model_name_or_path = getattr(model_config, "name_or_path", None) or None
     config_dict = {
@@ -190,7 +204,7 @@ def export_peft(
         "r": lora_config.rank,
         "lora_alpha": rules.number(lora_config.alpha),
         "use_rslora": lora_config.scaling == "rslora",
-        "target_modules": rules.target_modules(modules, adapted_paths),
+        "target_modules": target_modules,
         "exclude_modules": None,
         "rank_pattern": rules.patterns(ranks, lora_config.rank, ".", adapted_names),
         "alpha_pattern": {
@@ -198,16 +212,17 @@ def export_peft(
             for k, v in rules.patterns(alphas, lora_config.alpha, ".", adapted_names).items()
         },
         "lora_dropout": lora_config.dropout,
-        "bias": "none",
+        "bias": extra.fields["bias"],
         "fan_in_fan_out": False,
         **method_to_peft(lora_config),
-        "lora_bias": False,
-        "modules_to_save": None,
+        "lora_bias": extra.fields["lora_bias"],
+        "modules_to_save": extra.fields["modules_to_save"],
+        "ensure_weight_tying": extra.fields["ensure_weight_tying"],
         "layers_to_transform": None,
         "layers_pattern": None,
         "layer_replication": None,
         "target_parameters": None,
-        "trainable_token_indices": None,
+        "trainable_token_indices": extra.fields["trainable_token_indices"],
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "loftq_config": {},

@@ -10,15 +10,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rslora_jax import _files
 from rslora_jax._types import Params
+from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.tree import (
     combine,
     is_adapter_key,
+    join_path,
+    merge_disjoint,
+    set_in,
 )
 from rslora_jax.hf import _peft_rules as rules
 from rslora_jax.hf import io as hf_io
@@ -36,7 +41,9 @@ from rslora_jax.hf.peft._format import (
     leaves_for,
     method_from_peft,
 )
+from rslora_jax.hf.peft.extras import import_extras
 from rslora_jax.models.families import LinearModule, family_of
+from rslora_jax.ops.extras import init_extras
 
 
 # ---------------------------------------------------------------------------- import
@@ -62,11 +69,16 @@ def import_peft(
     A config without ``use_rslora`` is read as PEFT reads it (``alpha / r``: such files come from
     PEFT versions before rsLoRA), with a `PeftFormatWarning`.
 
+    What LoRA alone cannot train comes in too (`rslora_jax.hf.peft.extras`):
+    ``modules_to_save`` (trained copies), ``bias`` ("all" / "lora_only": trained biases),
+    ``lora_bias``, ``trainable_token_indices`` and LoRA on the embedding table, with the
+    returned config's matching fields; whole embedding tables PEFT saved alongside
+    (``save_embedding_layers``) replace the base's when they differ, as PEFT loads them.
+
     Checks (each a ValueError naming the key, shapes and what was expected): ``peft_type`` other
-    than LORA; options we do not implement (``bias`` other than "none", ``lora_bias``,
-    ``fan_in_fan_out``, layer replication, trainable tokens, aLoRA, ... and base-changing inits
-    such as PiSSA/OLoRA, which PEFT recomputes on load); adapters on embeddings or on a tied
-    ``lm_head``; modules or shapes that do not exist in `params` (a different base model);
+    than LORA; options we do not implement (``fan_in_fan_out``, layer replication, aLoRA, ...
+    and base-changing inits such as PiSSA/OLoRA, which PEFT recomputes on load); adapters on a
+    tied ``lm_head``, or trained copies a tied model cannot compute; modules or shapes that do not exist in `params` (a different base model);
     lora_A not (r, in_features) or lora_B not (out_features, r) with r from
     ``rank_pattern``/``r`` (a transposed factor has the right numbers in the wrong order; a
     square one is caught by its rank); missing or unexpected tensors (with ``strict``); a
@@ -78,9 +90,10 @@ def import_peft(
         ``adapter_model.safetensors``).
       params: our base params tree (no adapters), scanned or not.
       model_config: our `LlamaConfig` or a transformers config of the base model.
-      strict: if False, adapted modules without tensors get no adapter, and tensors we cannot
-        use (unknown modules, embeddings, ``modules_to_save``) are ignored, with a
-        `PeftFormatWarning` listing them. Shape and rank errors are never relaxed.
+      strict: if False, adapted modules without tensors get no adapter, extras without
+        tensors start at their initial values, and tensors we cannot use (unknown modules) are
+        ignored, with a `PeftFormatWarning` listing them. Shape and rank errors are never
+        relaxed.
       expected_base_model: if given, must equal the adapter's ``base_model_name_or_path``.
       dtype: dtype of the adapter factors (and of the returned config).
 
@@ -161,17 +174,15 @@ def import_peft(
     all_linear = fam.all_linear(linear_names)
 
     # Modules PEFT adapts, per its config.
-    unsupported = {fam.embedding_name: "the token embedding"}
-    if model_cfg.tie_word_embeddings:
-        unsupported[fam.output_name] = f"the tied {fam.output_name}"
-    for name, what in unsupported.items():
-        if rules.peft_selects(meta, name, all_linear):
-            raise ValueError(
-                f"{where}: {str(config_file)!r} (target_modules={meta.get('target_modules')!r}) "
-                f"adapts {name!r}, {what}; LoRA there is not supported"
-            )
+    if model_cfg.tie_word_embeddings and rules.peft_selects(meta, fam.output_name, all_linear):
+        raise ValueError(
+            f"{where}: {str(config_file)!r} (target_modules={meta.get('target_modules')!r}) "
+            f"adapts {fam.output_name!r}, the tied {fam.output_name}; LoRA there is not "
+            "supported (a tied model has no output kernel of its own)"
+        )
     targeted = [n for n in linear_names if rules.peft_selects(meta, n, all_linear)]
-    if not targeted:
+    embedding_targeted = rules.peft_selects(meta, fam.embedding_name, all_linear)
+    if not targeted and not embedding_targeted:
         raise ValueError(
             f"{where}: target_modules={meta.get('target_modules')!r} selects no Linear module of "
             f"the base model (modules: {linear_names[:10]}...)"
@@ -190,6 +201,28 @@ def import_peft(
                 f"{where}: {str(weights_file)!r} mixes keys with and without the "
                 f"{PEFT_PREFIX!r} prefix, e.g. {bad}"
             )
+        for key in keys:
+            if dtypes[key] not in hf_io.ST_DTYPES:
+                raise ValueError(
+                    f"{where}: tensor {key!r} has dtype {dtypes[key]}; expected one of "
+                    f"{sorted(hf_io.ST_DTYPES)}"
+                )
+        # modules_to_save, biases, token rows, embedding adapters (rslora_jax.hf.peft.extras).
+        extra = import_extras(
+            meta,
+            reader,
+            strip,
+            fam,
+            model_cfg,
+            params,
+            scanned,
+            targeted,
+            all_linear,
+            dtype,
+            strict,
+            where,
+        )
+        keys = [k for k in keys if k not in extra.used]
         found, unexpected = _classify_keys(keys, strip, specs, by_name, targeted, meta)
         missing = [
             f"{PEFT_PREFIX}{n}.{s.peft}"
@@ -213,7 +246,7 @@ def import_peft(
                 stacklevel=2,
             )
         loaded = [n for n in targeted if n not in missing_modules]
-        if not loaded:
+        if not loaded and not extra.embeddings:
             raise ValueError(f"{where}: {str(weights_file)!r} holds no usable adapter")
 
         # Shapes, ranks, dtypes: checked for every tensor before any is read.
@@ -269,10 +302,15 @@ def import_peft(
                 node[spec.ours] = jnp.asarray(arr.astype(np_dtype))
 
     adapted = set(per_path)
+    for p, name in extra.embeddings.items():
+        path_rank[p] = int(rules.pattern_value(rank_pattern, name, r_default))
+        path_alpha[p] = float(rules.pattern_value(alpha_pattern, name, alpha_default))
     lora_config = LoraConfig(
         rank=r_default,
         alpha=alpha_default,
-        targets=rules.our_targets(adapted, meta, list(modules)),
+        targets=rules.our_targets(
+            adapted | set(extra.embeddings), meta, [*modules, *extra.embeddings]
+        ),
         scaling="rslora" if use_rslora else "lora",
         rank_pattern=rules.our_patterns(path_rank, r_default),
         alpha_pattern=rules.our_patterns(path_alpha, alpha_default),
@@ -280,11 +318,81 @@ def import_peft(
         dtype=dtype,
         kernel_axes="lio" if scanned else None,
         **method,
+        **extra.fields,
     )
-    for p in adapted:  # the translation is exact (a cheap check of our own patterns)
+    for p in path_rank:  # the translation is exact (a cheap check of our own patterns)
         if lora_config.rank_for(p) != path_rank[p] or lora_config.alpha_for(p) != path_alpha[p]:
             raise AssertionError(f"internal error: pattern translation failed at {p!r}")
-    return combine(adapters, params), lora_config
+    base = params
+    for keys_, value in extra.base_updates.items():
+        base = _with_leaf(base, keys_, jnp.asarray(value))
+    adapters = merge_disjoint(adapters, extra.adapters)
+    adapters = _complete(adapters, base, lora_config, strict, extra.missing, where)
+    return combine(adapters, base), lora_config
+
+
+def _with_leaf(tree: Any, keys: tuple, value: Any) -> Any:
+    if not keys:
+        return value
+    out = dict(tree)
+    out[keys[0]] = _with_leaf(tree[keys[0]], keys[1:], value)
+    return out
+
+
+_EXTRA_ENTRIES = (ex.FULL, ex.TOKENS, ex.EMBEDDING_A, ex.BIAS)
+
+
+def _complete(
+    adapters: Any, base: Params, config: LoraConfig, strict: bool, absent: list[str], where: str
+) -> Any:
+    """Checks the imported extras against what the config asks for (`rslora_jax.core.extras`);
+    missing ones (strict=False: `absent` lists the tensors not found) start at their initial
+    values, with a warning."""
+    pl = ex.plan(base, config)
+    want = {(m.path, ex.FULL) for m in (*pl.saved, *pl.biases)}
+    want |= {(t.path, ex.TOKENS) for t in pl.tokens}
+    want |= {(e.path, ex.EMBEDDING_A) for e in pl.embeddings}
+    want |= {(s.path, ex.BIAS) for s in pl.sites} if pl.lora_bias else set()
+    have = {
+        (join_path(k), key)
+        for k, holder in ex.modules(adapters)
+        for key in holder
+        if key in _EXTRA_ENTRIES
+    }
+    missing = sorted(want - have)
+    unexpected = sorted(have - want)
+    if unexpected:
+        raise ValueError(f"{where}: extras the adapter config does not ask for: {unexpected[:6]}")
+    if not missing:
+        if absent:
+            warnings.warn(
+                f"{where}: strict=False: missing tensors {absent[:10]}; those extras keep their "
+                "initial values",
+                PeftFormatWarning,
+                stacklevel=3,
+            )
+        return adapters
+    if strict:
+        raise ValueError(
+            f"{where}: the adapter lacks tensors its config asks for (modules_to_save, bias, "
+            f"lora_bias, trainable_token_indices, embedding targets): {missing[:6]}"
+        )
+    warnings.warn(
+        f"{where}: strict=False: missing tensors {absent[:10]}; {missing[:6]} start at their "
+        "initial values",
+        PeftFormatWarning,
+        stacklevel=3,
+    )
+    fresh = init_extras(base, config, jax.random.key(0), pl)
+    for path, key in missing:
+        keys_ = tuple(k for k in path.split("/") if k) if path else ()
+        holder = fresh
+        for k in keys_:
+            holder = holder[k]
+        set_in(adapters, (*keys_, key), holder[key])
+        if key == ex.EMBEDDING_A:
+            set_in(adapters, (*keys_, ex.EMBEDDING_B), holder[ex.EMBEDDING_B])
+    return adapters
 
 
 def _classify_keys(
@@ -309,7 +417,7 @@ def _classify_keys(
                 None,
             )
             if known:
-                reason = f"{known} is not supported"
+                reason = known
             elif other is not None:
                 needs = ", ".join(other[1].peft_fields or {})
                 reason = f"{other[0]!r} needs {needs or other[1].title}"
