@@ -316,8 +316,7 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
                 f"LoraConfig.modules_to_save selects {m.path!r} inside {outer.path!r}: name the "
                 "outer module or the inner one, not both"
             )
-        if m.path == "":
-            raise ValueError("LoraConfig.modules_to_save cannot select the whole tree")
+    for m in saved:
         site = next((s for s in sites if _inside(s.path, m.path)), None)
         if site is not None:
             raise ValueError(

@@ -2,7 +2,8 @@
 
 - :mod:`rslora_jax.hf.io`: safetensors in/out (one dtype table), JSON, the tokenizer loader.
 - :mod:`rslora_jax.hf.checkpoint`: ``config.json`` + safetensors checkpoint directories.
-- :mod:`rslora_jax.hf.peft`: PEFT-format LoRA adapters.
+- :mod:`rslora_jax.hf.peft`: PEFT-format LoRA adapters (and what LoRA alone cannot train).
+- :mod:`rslora_jax.hf.vocab`: new tokens in the tokenizer and rows in the embedding / LM head.
 
 The model side (config class, parameters, module names) comes from the family registry in
 :mod:`rslora_jax.models.families`; atomic directory writes from :mod:`rslora_jax._files`.
@@ -12,10 +13,12 @@ transformers (and torch) are imported lazily inside the functions that need them
 from rslora_jax.hf.checkpoint import load_config, load_pretrained, save_pretrained
 from rslora_jax.hf.io import load_tokenizer
 from rslora_jax.hf.peft import PeftFormatWarning, export_peft, import_peft
+from rslora_jax.hf.vocab import add_tokens, resize_vocab
 from rslora_jax.models.families import flax_module_path, hf_module_name
 
 __all__ = [
     "PeftFormatWarning",
+    "add_tokens",
     "export_peft",
     "flax_module_path",
     "hf_module_name",
@@ -23,5 +26,6 @@ __all__ = [
     "load_config",
     "load_pretrained",
     "load_tokenizer",
+    "resize_vocab",
     "save_pretrained",
 ]

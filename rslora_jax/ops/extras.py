@@ -84,7 +84,8 @@ def init_extras(
       ValueError: as `rslora_jax.core.extras.plan`; and abstract or non-float leaves to copy.
 
     Example:
-      >>> p = {"embed": {"embedding": jnp.arange(12.0).reshape(6, 2)}}
+      >>> p = {"embed": {"embedding": jnp.arange(12.0).reshape(6, 2)},
+      ...      "q": {"kernel": jnp.ones((2, 2))}}
       >>> out = init_extras(p, LoraConfig(rank=1, trainable_token_indices=[4]), jax.random.key(0))
       >>> out["embed"]["lora_tokens"]["embedding"].tolist()
       [[8.0, 9.0]]
