@@ -47,6 +47,30 @@ def _grown(table: Any, axis: int, size: int) -> Any:
     return jnp.concatenate([table, jnp.tile(mean, reps).astype(table.dtype)], axis=axis)
 
 
+def with_vocab_size(model_config: Any, size: int) -> Any:
+    """A copy of `model_config` (ours or a transformers config) with ``vocab_size=size``."""
+    if hasattr(model_config, "to_json_string"):  # a transformers config
+        new_config = copy.deepcopy(model_config)
+        new_config.vocab_size = size
+        return new_config
+    return model_config.replace(vocab_size=size)
+
+
+def add_to_tokenizer(tokenizer: Any, tokens: Sequence[str], *, special: bool = True) -> tuple:
+    """Adds `tokens` to `tokenizer` (in place); returns their ids, in order.
+
+    Raises:
+      ValueError: no tokens, or a token that is not a non-empty string.
+    """
+    if isinstance(tokens, str) or not tokens:
+        raise ValueError(f"add_tokens: tokens must be a non-empty list of strings, got {tokens!r}")
+    for t in tokens:
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"add_tokens: {t!r} is not a token (a non-empty string)")
+    tokenizer.add_tokens(list(tokens), special_tokens=special)
+    return tuple(int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens)))
+
+
 def resize_vocab(params: Params, model_config: Any, size: int) -> tuple[Params, Any]:
     """Grows the embedding (and an untied ``lm_head``) of `params` to `size` tokens.
 
@@ -107,12 +131,7 @@ def resize_vocab(params: Params, model_config: Any, size: int) -> tuple[Params, 
             )
         grown = {**head, "kernel": _grown(kernel, kernel.ndim - 1, size)}
         params = _with(params, out_keys[:-1], out_keys[-1], grown)
-    if hasattr(model_config, "to_json_string"):  # a transformers config
-        new_config = copy.deepcopy(model_config)
-        new_config.vocab_size = size
-    else:
-        new_config = model_config.replace(vocab_size=size)
-    return params, new_config
+    return params, with_vocab_size(model_config, size)
 
 
 def add_tokens(
@@ -151,16 +170,10 @@ def add_tokens(
       >>> ids, cfg2.vocab_size, p["model"]["embed_tokens"]["embedding"].shape[0]
       ((2048,), 2049, 2049)
     """
-    if isinstance(tokens, str) or not tokens:
-        raise ValueError(f"add_tokens: tokens must be a non-empty list of strings, got {tokens!r}")
-    for t in tokens:
-        if not isinstance(t, str) or not t:
-            raise ValueError(f"add_tokens: {t!r} is not a token (a non-empty string)")
-    tokenizer.add_tokens(list(tokens), special_tokens=special)
-    ids = tuple(int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens)))
+    ids = add_to_tokenizer(tokenizer, tokens, special=special)
     size = max(int(model_config.vocab_size), len(tokenizer), max(ids) + 1)
     params, model_config = resize_vocab(params, model_config, size)
     return params, model_config, ids
 
 
-__all__ = ["add_tokens", "resize_vocab"]
+__all__ = ["add_to_tokenizer", "add_tokens", "resize_vocab", "with_vocab_size"]

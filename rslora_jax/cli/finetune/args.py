@@ -53,6 +53,9 @@ TRAJECTORY_ARGS = (
     "scaling",
     "targets",
     "lora_dropout",
+    "modules_to_save",
+    "train_tokens",
+    "bias",
     "lr",
     "schedule",
     "warmup_steps",
@@ -127,6 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
         type=float_in(0.0, 1.0, low_open=False, high_open=True),
         default=0.0,
         help="dropout on the adapters' input",
+    )
+    g.add_argument(
+        "--modules-to-save",
+        default=None,
+        help="comma list of modules trained in full beside the adapters (PEFT's modules_to_save: "
+        "a module whose path ends with a name, e.g. lm_head,model.norm)",
+    )
+    g.add_argument(
+        "--train-tokens",
+        default=None,
+        help="comma list of new special tokens (e.g. '<|user|>,<|assistant|>'): added to the "
+        "tokenizer, with new embedding and LM-head rows (the mean of the others) that are "
+        "trained (PEFT's trainable_token_indices); the merged model has the larger vocabulary",
+    )
+    g.add_argument(
+        "--bias",
+        choices=("none", "all", "lora_only"),
+        default="none",
+        help="train biases too (PEFT's bias): all of them, or those of the adapted layers",
     )
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=positive_int, default=200, help="optimizer steps")

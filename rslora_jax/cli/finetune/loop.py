@@ -25,7 +25,7 @@ from rslora_jax import distributed
 from rslora_jax._types import PyTree
 from rslora_jax.cli.common import log, progress_bar
 from rslora_jax.cli.finetune.args import PROG, args_to_json
-from rslora_jax.cli.finetune.layout import LocalRows
+from rslora_jax.cli.finetune.layout import LocalRows, named
 from rslora_jax.cli.finetune.outputs import build_metrics, mean_tail, write_metrics, write_outputs
 from rslora_jax.cli.finetune.plan import Plan
 from rslora_jax.cli.finetune.program import OptimSettings, Program, program
@@ -110,8 +110,6 @@ def train(plan: Plan) -> dict[str, Any]:
       The metrics (also written to ``metrics.json``); ``metrics["interrupted"]`` is True when
       Ctrl-C stopped the run (a checkpoint was saved, no final outputs were written).
     """
-    from rslora_jax.hf import load_pretrained
-
     args, out = plan.args, plan.out
     multi = jax.process_count() > 1
     lead = jax.process_index() == 0
@@ -128,20 +126,13 @@ def train(plan: Plan) -> dict[str, Any]:
         args.forward,
     )
     local = LocalRows.of(prog.batch, args.batch_size)
-    _, base = load_pretrained(
-        plan.model_dir,
-        dtype=args.dtype,
-        param_dtype=args.param_dtype,
-        scan_layers=True,
-        shardings=prog.base,
-        remat=args.remat,
-    )
+    base = _load_base(plan, prog)
     key_init, key_dropout = jax.random.split(jax.random.key(args.seed))
-    # Created in place, sharded: every process computes its own shards of the same values.
-    abstract_base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+    # Created in place, sharded: every process computes its own shards of the same values
+    # (trained copies and token rows read the base's).
     adapters = jax.jit(
-        lambda k: rl.init_adapters(abstract_base, plan.lora_config, k), out_shardings=prog.adapters
-    )(key_init)
+        lambda b, k: rl.init_adapters(b, plan.lora_config, k), out_shardings=prog.adapters
+    )(base, key_init)
     opt_state = prog.init_state(adapters)
     evaluate = Evaluator(prog, plan.eval_rows, local)
 
@@ -188,7 +179,7 @@ def train(plan: Plan) -> dict[str, Any]:
         f"parameters, rank {args.rank}, alpha {args.alpha:g}, {args.scaling} (scale "
         f"{scale:.4g}), targets {args.targets}\ndata: {plan.data_description}: "
         f"{len(plan.train_rows)} training and {len(plan.eval_rows)} held-out sequences of "
-        f"{args.seq_len} tokens\ndevices: {dict(plan.mesh.shape)} "
+        f"{args.seq_len} tokens\n{_extras_line(plan)}devices: {dict(plan.mesh.shape)} "
         f"({plan.mesh.devices.flat[0].platform}{processes})"
     )
     setup_seconds = time.perf_counter() - t_start
@@ -302,6 +293,47 @@ def train(plan: Plan) -> dict[str, Any]:
         write_metrics(metrics, written["metrics"], out)
     barrier("rslora-finetune: outputs written")
     return metrics
+
+
+def _extras_line(plan: Plan) -> str:
+    """What is trained beside the adapters (--modules-to-save, --train-tokens, --bias)."""
+    cfg, parts = plan.lora_config, []
+    if cfg.modules_to_save:
+        parts.append(f"modules {', '.join(cfg.modules_to_save)} in full")
+    if plan.token_ids:
+        grown = f", vocabulary {plan.vocab_from} -> {plan.model_config.vocab_size}"
+        parts.append(f"token rows {list(plan.token_ids)}{grown if plan.vocab_from else ''}")
+    if cfg.bias != "none":
+        parts.append(f"biases ({cfg.bias})")
+    return f"also trained: {'; '.join(parts)}\n" if parts else ""
+
+
+def _load_base(plan: Plan, prog: Program) -> PyTree:
+    """The base on the run's shardings; with --train-tokens, grown to the larger vocabulary
+    (new rows: the mean of the others, `rslora_jax.hf.resize_vocab`)."""
+    from rslora_jax.hf import load_pretrained, resize_vocab
+    from rslora_jax.models.llama import init_params
+    from rslora_jax.models.sharding import param_specs
+
+    args = plan.args
+    shardings = prog.base
+    original = plan.model_config
+    if plan.vocab_from is not None:  # the checkpoint's shapes, on the same mesh
+        original = plan.model_config.replace(vocab_size=plan.vocab_from)
+        abstract = jax.eval_shape(lambda k: init_params(original, k), jax.random.key(0))
+        shardings = named(plan.mesh, param_specs(abstract, tuple(plan.mesh.shape)))
+    _, base = load_pretrained(
+        plan.model_dir,
+        dtype=args.dtype,
+        param_dtype=args.param_dtype,
+        scan_layers=True,
+        shardings=shardings,
+        remat=args.remat,
+    )
+    if plan.vocab_from is None:
+        return base
+    size = plan.model_config.vocab_size
+    return jax.jit(lambda p: resize_vocab(p, original, size)[0], out_shardings=prog.base)(base)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

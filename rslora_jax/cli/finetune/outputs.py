@@ -56,6 +56,8 @@ def write_outputs(
             plan.model_config,
             base_model_name_or_path=str(plan.model_dir),
         )
+        if plan.vocab_from is not None:  # PEFT users resize the base to this tokenizer first
+            plan.tokenizer.save_pretrained(str(outputs["peft"]))
         save_pretrained(outputs["merged"], merged, plan.hf_config, dtype=plan.merged_dtype)
         plan.tokenizer.save_pretrained(str(outputs["merged"]))
         title = (

@@ -51,6 +51,10 @@ class Plan:
     mesh: Mesh
     merged_dtype: str
     export_peft: Any
+    #: --train-tokens: the checkpoint's vocabulary size before the new rows (None: unchanged),
+    #: and the ids of the new tokens.
+    vocab_from: int | None = None
+    token_ids: tuple[int, ...] = ()
 
 
 def _check_out(args: argparse.Namespace) -> tuple[Path, bool]:
@@ -188,7 +192,41 @@ def _check_data(
     return description, sha, train, held
 
 
-def _check_lora(args: argparse.Namespace, abstract_base: PyTree) -> tuple[rl.LoraConfig, PyTree]:
+def _names(flag: str, value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    names = tuple(t.strip() for t in value.split(",") if t.strip())
+    if not names:
+        raise UsageError(f"{flag} {value!r}: give a comma list of names")
+    return names
+
+
+def _add_tokens(
+    args: argparse.Namespace, tokenizer: Any, model_config: LlamaConfig, hf_config: Any
+) -> tuple[LlamaConfig, Any, int | None, tuple[int, ...]]:
+    """--train-tokens: the tokens added to the tokenizer, the configs with room for them."""
+    from rslora_jax.hf.vocab import add_to_tokenizer, with_vocab_size
+
+    tokens = _names("--train-tokens", args.train_tokens)
+    if not tokens:
+        return model_config, hf_config, None, ()
+    try:
+        ids = add_to_tokenizer(tokenizer, tokens)
+    except ValueError as err:
+        raise UsageError(f"--train-tokens {args.train_tokens!r}: {err}") from None
+    size = max(model_config.vocab_size, len(tokenizer), max(ids) + 1)
+    if size == model_config.vocab_size:
+        return model_config, hf_config, None, ids
+    vocab = model_config.vocab_size
+    return with_vocab_size(model_config, size), with_vocab_size(hf_config, size), vocab, ids
+
+
+def _check_lora(
+    args: argparse.Namespace,
+    abstract_base: PyTree,
+    token_ids: tuple[int, ...] = (),
+    tied: bool = True,
+) -> tuple[rl.LoraConfig, PyTree]:
     if args.targets.strip() == ALL_LINEAR:
         targets: Any = ALL_LINEAR
     else:
@@ -203,16 +241,31 @@ def _check_lora(args: argparse.Namespace, abstract_base: PyTree) -> tuple[rl.Lor
         kernel_axes={"model/layers/.*": "lio"},  # scanned layers: (layer, in, out) kernels
     )
     key = jax.random.key(0)
-    try:  # targets first (at rank 1), then the rank
-        probe = rl.LoraConfig(rank=1, **common)
-        jax.eval_shape(lambda k: rl.init_adapters(abstract_base, probe, k), key)
+
+    def adapters(config: rl.LoraConfig) -> PyTree:  # traced: extras copy the base's values
+        return jax.eval_shape(lambda b, k: rl.init_adapters(b, config, k), abstract_base, key)
+
+    try:  # targets first (at rank 1), then the rank, then what is trained beside the adapters
+        adapters(rl.LoraConfig(rank=1, **common))
     except ValueError as err:
         raise UsageError(f"--targets {args.targets!r}: {err}") from None
     try:
-        config = rl.LoraConfig(rank=args.rank, **common)
-        abstract = jax.eval_shape(lambda k: rl.init_adapters(abstract_base, config, k), key)
+        adapters(rl.LoraConfig(rank=args.rank, **common))
     except ValueError as err:
         raise UsageError(f"--rank {args.rank}: {err}") from None
+    tokens: Any = None
+    if token_ids:  # the new rows of the embedding, and of an untied output layer
+        tokens = list(token_ids) if tied else {"embed_tokens": token_ids, "lm_head": token_ids}
+    extras = dict(
+        modules_to_save=_names("--modules-to-save", args.modules_to_save) or None,
+        bias=args.bias,
+        trainable_token_indices=tokens,
+    )
+    try:
+        config = rl.LoraConfig(rank=args.rank, **common, **extras)
+        abstract = adapters(config)
+    except ValueError as err:
+        raise UsageError(f"--modules-to-save / --train-tokens / --bias: {err}") from None
     return config, abstract
 
 
@@ -298,6 +351,9 @@ def prepare(args: argparse.Namespace) -> Plan:
     try:
         model_dir, hf_config, model_config = _check_model(args)
         tokenizer_dir, tokenizer = _check_tokenizer(args, model_dir)
+        model_config, hf_config, vocab_from, token_ids = _add_tokens(
+            args, tokenizer, model_config, hf_config
+        )
         description, sha, train_rows, eval_rows = _check_data(args, tokenizer, model_config)
         if args.resume:
             saved = json.loads((out / "run.json").read_text(encoding="utf-8"))
@@ -307,7 +363,9 @@ def prepare(args: argparse.Namespace) -> Plan:
                     "hash differently); resume with the same --data, --tokenizer and --seq-len"
                 )
         abstract_base = jax.eval_shape(lambda k: init_params(model_config, k), jax.random.key(0))
-        lora_config, abstract_adapters = _check_lora(args, abstract_base)
+        lora_config, abstract_adapters = _check_lora(
+            args, abstract_base, token_ids, model_config.tie_word_embeddings
+        )
         mesh = _check_mesh(args, abstract_base, abstract_adapters, lora_config)
     except UsageError:
         if created:
@@ -330,4 +388,6 @@ def prepare(args: argparse.Namespace) -> Plan:
         mesh=mesh,
         merged_dtype=_merged_dtype(args, model_dir),
         export_peft=export_peft,
+        vocab_from=vocab_from,
+        token_ids=token_ids,
     )

@@ -134,7 +134,7 @@ def program(
     """
     abstract_base = jax.eval_shape(lambda k: init_params(model_config, k), jax.random.key(0))
     abstract_adapters = jax.eval_shape(
-        lambda k: rl.init_adapters(abstract_base, lora_config, k), jax.random.key(0)
+        lambda b, k: rl.init_adapters(b, lora_config, k), abstract_base, jax.random.key(0)
     )
     base_specs, adapter_specs = run_specs(abstract_base, abstract_adapters, lora_config, mesh)
     opt = make_optimizer(optim)
