@@ -358,6 +358,8 @@ def import_extras(
                 "cannot compute"
             )
         used |= {keys[b] for b in (f"{out_name}.weight",) if b in keys}
+    if tied and emb_name in matched and ensure_tying and f"{out_name}.weight" in keys:
+        used.add(keys[f"{out_name}.weight"])  # the tied output layer's copy: the embedding's
     if tied and emb_name in matched and not ensure_tying:
         raise ValueError(
             f"{where}: modules_to_save={names!r} trains a copy of the tied embedding "
