@@ -34,7 +34,7 @@ import rslora_jax as rl
 from rslora_jax import data
 from rslora_jax import finetune as ft
 from rslora_jax.cli.finetune import command
-from rslora_jax.hf import load_pretrained
+from rslora_jax.hf import load_pretrained, resize_vocab
 from rslora_jax.models import LlamaForCausalLM
 from tests._asserts import assert_close
 
@@ -410,3 +410,57 @@ def test_schedules():
     assert lrs("constant") == [0.0, 0.5, 1.0, 1.0, 1.0]
     np.testing.assert_allclose(lrs("linear"), [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-7)
     np.testing.assert_allclose(lrs("cosine"), [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------
+# Training what LoRA alone cannot: --train-tokens, --modules-to-save, --bias
+
+
+def test_new_tokens_and_saved_modules_train_and_export(base, tmp_path):
+    """New special tokens grow the tables and are trained; the merged model (larger
+    vocabulary), the PEFT adapter (on a base resized to the saved tokenizer) and our restored
+    adapters give the same logits."""
+    chat = tmp_path / "chat.txt"
+    turns = data.stdlib_finetune_text()[:3000].split("\n")
+    chat.write_text(
+        "\n".join(f"<|user|>{a}<|assistant|>{b}" for a, b in zip(turns[::2], turns[1::2])),
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    extra = ("--data", str(chat), "--train-tokens", "<|user|>,<|assistant|>")
+    extra += ("--modules-to-save", "model.norm", "--bias", "all")
+    assert ft.main(_args(base, out, *extra, steps=4)) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(out / "merged")
+    new = tok.convert_tokens_to_ids(["<|user|>", "<|assistant|>"])
+    assert new == [2048, 2049]
+    ids = np.asarray([tok("<|user|>def f(x):<|assistant|>    return x")["input_ids"][:12]] * 2)
+    assert 2048 in ids and 2049 in ids
+
+    config, params = load_pretrained(base.dir)
+    grown, config = resize_vocab(params, config, 2050)
+    restored, lora_config = rl.load_adapters(out / "adapters", grown)
+    assert lora_config.modules_to_save == ("model/norm",)
+    assert lora_config.trainable_token_indices == (
+        ("embed_tokens", (2048, 2049)),
+        ("lm_head", (2048, 2049)),
+    )
+    rows = np.asarray(restored["model"]["embed_tokens"]["lora_tokens"]["embedding"])
+    mean = np.asarray(grown["model"]["embed_tokens"]["embedding"][:2048]).mean(axis=0)
+    assert np.abs(rows - mean).max() > 1e-3  # trained away from the mean they started at
+    adapted = np.asarray(
+        rl.lora(LlamaForCausalLM(config).apply, lora_config)({"params": restored}, jnp.asarray(ids))
+    )
+    with torch.no_grad():
+        merged = transformers.AutoModelForCausalLM.from_pretrained(
+            out / "merged", attn_implementation="eager"
+        ).eval()
+        assert merged.config.vocab_size == 2050
+        merged_logits = merged(torch.as_tensor(ids)).logits.numpy()
+        resized = copy.deepcopy(base.model)
+        resized.resize_token_embeddings(
+            len(transformers.AutoTokenizer.from_pretrained(out / "peft"))
+        )
+        peft_model = peft.PeftModel.from_pretrained(resized, out / "peft").eval()
+        peft_logits = peft_model(torch.as_tensor(ids)).logits.numpy()
+    assert_close(merged_logits, adapted, rel=2e-5, norm="max", what="merged export")
+    assert_close(peft_logits, adapted, rel=2e-5, norm="max", what="PEFT export")

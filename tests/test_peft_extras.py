@@ -26,10 +26,17 @@ import peft
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import rslora_jax as rl
-from rslora_jax.hf import export_peft, import_peft, load_pretrained, resize_vocab, save_pretrained
+from rslora_jax.hf import (
+    PeftFormatWarning,
+    export_peft,
+    import_peft,
+    load_pretrained,
+    resize_vocab,
+    save_pretrained,
+)
 from rslora_jax.models import LlamaForCausalLM
 from tests._asserts import assert_close, rel_error
 from tests._torch_ref import IDS, TINY, VOCAB, torch_logits, torch_model
@@ -229,10 +236,8 @@ def test_import_embedding_weights_peft_saves_alongside(llama, tmp_path):
     config, params = llama.layouts[True]
     _, lcfg = import_peft(tmp_path / "peft", params, config)  # equal: no warning
     tensors[key] = tensors[key] + 0.01
-    from safetensors.numpy import save_file
-
     save_file(tensors, str(tmp_path / "peft" / "adapter_model.safetensors"))
-    with pytest.warns(rl.hf.PeftFormatWarning, match="differs from the base"):
+    with pytest.warns(PeftFormatWarning, match="differs from the base"):
         got, lcfg = import_peft(tmp_path / "peft", params, config)
     with torch.no_grad():
         pm.base_model.model.model.embed_tokens.base_layer.weight.add_(0.01)

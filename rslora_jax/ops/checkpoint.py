@@ -2,8 +2,9 @@
 
 Only adapter leaves are written; the base is never duplicated. Each checkpoint carries a JSON
 manifest (adapter paths, shapes, dtypes, the kernel shape each adapter belongs to, the
-`LoraConfig`), checked against the base before any array is read, so restoring into a model whose
-paths or shapes differ fails with a clear error. Writes are atomic: orbax writes into a temporary
+`LoraConfig`; for trained copies and token rows, the shape of the base leaf they replace), checked
+against the base before any array is read, so restoring into a model whose paths or shapes differ
+fails with a clear error. Writes are atomic: orbax writes into a temporary
 directory and renames it when complete, and `save_adapters` swaps a finished directory into place
 in one step (`rslora_jax._files.swap_directory`), so an interrupted save never damages the last
 good checkpoint and a reader never sees a mix of two.
@@ -24,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from rslora_jax import _files
 from rslora_jax._types import PyTree
+from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.tree import KERNEL, combine, iter_holders, join_path, split
 
@@ -43,10 +45,20 @@ def _leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
     return out
 
 
+def _replaced(path: str) -> str | None:
+    """The base leaf a trained copy or token rows at `path` replace (`rslora_jax.core.extras`)."""
+    parts = path.split("/")
+    for key in (ex.FULL, ex.TOKENS):
+        if key in parts:
+            return "/".join(p for p in parts if p != key)
+    return None
+
+
 def manifest(params: PyTree, config: LoraConfig | None) -> dict[str, Any]:
     """What a checkpoint of `params`' adapters holds, as JSON-able data."""
     adapters, base = split(params)
     kernels = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(base)}
+    base_shapes = {p: tuple(x.shape) for p, x in _leaves_with_paths(base) if hasattr(x, "shape")}
     leaves = {}
     for path, leaf in _leaves_with_paths(adapters):
         holder = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -55,6 +67,9 @@ def manifest(params: PyTree, config: LoraConfig | None) -> dict[str, Any]:
             "dtype": str(leaf.dtype),
             "kernel_shape": list(kernels[holder]) if holder in kernels else None,
         }
+        replaced = _replaced(path)
+        if replaced is not None and replaced in base_shapes:
+            leaves[path]["base_shape"] = list(base_shapes[replaced])
     cfg = None
     if config is not None:
         try:
@@ -70,9 +85,20 @@ def _check_against(man: Mapping[str, Any], base: PyTree, where: str) -> None:
             f"{where}: not an rslora_jax checkpoint (format {man.get('format')!r})"
         )
     kernels = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(base)}
+    base_shapes = {p: tuple(x.shape) for p, x in _leaves_with_paths(base) if hasattr(x, "shape")}
     problems = []
     for path, info in man["leaves"].items():
         holder = path.rsplit("/", 1)[0] if "/" in path else ""
+        if info.get("base_shape") is not None:  # a trained copy or token rows
+            replaced = _replaced(path)
+            if replaced not in base_shapes:
+                problems.append(f"{replaced!r}: no such leaf in the base parameters")
+            elif tuple(info["base_shape"]) != base_shapes[replaced]:
+                problems.append(
+                    f"{replaced!r}: checkpoint was made for a leaf of shape "
+                    f"{tuple(info['base_shape'])}, the base has {base_shapes[replaced]} (a grown "
+                    "vocabulary: rslora_jax.hf.resize_vocab)"
+                )
         if info.get("kernel_shape") is None:
             continue
         if holder not in kernels:

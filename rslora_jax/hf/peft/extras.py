@@ -230,11 +230,7 @@ def export_extras(
         tensors[f"{PEFT_PREFIX}{hf_name}.{DELTA}"] = np.ascontiguousarray(
             np.moveaxis(rows, t.axis, 0)
         )
-        (key,) = (
-            _selector({hf_name}, universe)
-            if len(_selector({hf_name}, universe)) == 1
-            else (hf_name,)
-        )
+        key = _selector({hf_name}, universe)[0]  # PEFT selects it by endswith too
         token_fields[key] = list(t.ids)
     spec = lora_config.trainable_token_indices
     if spec:
