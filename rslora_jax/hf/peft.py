@@ -145,6 +145,17 @@ def _known_specs() -> dict[str, tuple[LeafSpec, type[Method]]]:
     return out
 
 
+def _known_leaf_names() -> set[str]:
+    """Our names of every leaf a registered method with a PEFT format stores (two methods may
+    store different leaves under one PEFT suffix: LoRA's ``lora_a`` and a frozen-A method's)."""
+    return {
+        spec.ours
+        for cls in protocol.methods().values()
+        if cls.peft_fields is not None
+        for spec in _specs_of(cls())
+    }
+
+
 # PEFT suffixes we know but cannot represent (named in the error message).
 _UNSUPPORTED_SUFFIXES = {
     "lora_embedding_A": "LoRA on an embedding",
@@ -343,7 +354,7 @@ def export_peft(
         adapted_paths.add(path)
         _check_export_axes(lora_config, path, holder[KERNEL], module)
         present = {k for k in holder if is_adapter_key(k)}
-        known = {spec.ours for spec, _ in _known_specs().values()}
+        known = _known_leaf_names()
         unknown = sorted(present - known)
         if unknown:
             raise ValueError(
