@@ -241,12 +241,23 @@ def _axes(ndim: int, in_axes: Sequence[int], where: str) -> tuple[int, ...]:
     return axes
 
 
+def _block_axis(
+    shape: Sequence[int], axes: tuple[int, ...], outs: tuple[int, ...], block: int
+) -> int | None:
+    """The nf4 block axis: the last input axis the block divides, else the last output axis."""
+    for axis in (*reversed(axes), *reversed(outs)):
+        if int(shape[axis]) % block == 0:
+            return axis
+    return None
+
+
 def check_quantizable(
     shape: Sequence[int],
     scheme: str,
     in_axes: Sequence[int],
     block: int = 64,
     where: str = "quantize",
+    out_axes: Sequence[int] = (),
 ) -> None:
     """Raises ValueError if a kernel of `shape` cannot be quantized with `scheme` (no work).
 
@@ -256,24 +267,25 @@ def check_quantizable(
       ...     check_quantizable((96, 8), "nf4", (0,))
       ... except ValueError as err:
       ...     print(str(err)[:50])
-      quantize: nf4 blocks of 64 along axis 0 do not div
+      quantize: nf4 blocks of 64 divide no input axis (s
     """
     if scheme not in SCHEMES:
         raise ValueError(f"{where}: unknown quantization scheme {scheme!r}; expected {SCHEMES}")
     axes = _axes(len(shape), in_axes, where)
+    outs = tuple(sorted({a % len(shape) for a in out_axes}))
     if scheme != "nf4":
         return
     if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block % 2:
         raise ValueError(f"{where}: nf4 block={block!r} must be an even int >= 2")
-    axis = axes[-1]
-    n = int(shape[axis])
-    if n % block:
-        hint = math.gcd(n, block)
+    if _block_axis(shape, axes, outs, block) is None:
+        sizes = [int(shape[a]) for a in (*axes, *outs)]
+        hint = math.gcd(block, *sizes)
         suggestion = f" (e.g. {hint})" if hint >= 2 and hint % 2 == 0 else ""
         raise ValueError(
-            f"{where}: nf4 blocks of {block} along axis {axis} do not divide its size {n} "
-            f"(kernel shape {tuple(shape)}); pick a block that divides it{suggestion} or "
-            "exclude this kernel"
+            f"{where}: nf4 blocks of {block} divide no input axis (sizes "
+            f"{[int(shape[a]) for a in axes]}) nor output axis (sizes "
+            f"{[int(shape[a]) for a in outs]}) of the kernel of shape {tuple(shape)}; pick a "
+            f"block that divides one{suggestion} or exclude this kernel"
         )
 
 
@@ -285,6 +297,7 @@ def quantize_array(
     block: int = 64,
     double_quant: bool = False,
     where: str = "quantize",
+    out_axes: Sequence[int] = (),
 ) -> QuantizedArray:
     """Quantizes one kernel (jit-able; the checks read shapes only).
 
@@ -293,10 +306,12 @@ def quantize_array(
       scheme: ``"int8"``, ``"nf4"`` or ``"fp8"``.
       in_axes: the kernel's input (contracted) axes: int8 and fp8 keep one scale per index of
         the other axes (per output channel, per stacked layer); nf4 blocks run along the last
-        of them.
-      block: nf4 block size (even; must divide that axis).
+        of them (QLoRA's blocks), or along the last of `out_axes` where the block does not
+        divide any input axis.
+      block: nf4 block size (even; must divide the block axis).
       double_quant: nf4: quantize the block scales too (int8 per output feature).
       where: names the kernel in error messages.
+      out_axes: the kernel's output axes (nf4: block axes to fall back on).
 
     Returns:
       The `QuantizedArray`.
@@ -314,7 +329,7 @@ def quantize_array(
       True
     """
     _check_input(x, scheme, where)
-    check_quantizable(x.shape, scheme, in_axes, block, where)
+    check_quantizable(x.shape, scheme, in_axes, block, where, out_axes)
     axes = _axes(x.ndim, in_axes, where)
     xf = jnp.asarray(x).astype(_F32)
     if scheme in ("int8", "fp8"):
@@ -327,7 +342,8 @@ def quantize_array(
         else:
             codes = jnp.clip(y, -_FP8_MAX, _FP8_MAX).astype(_FP8)
         return QuantizedArray(codes, scale, scheme=scheme, axis=None, dtype=x.dtype)
-    axis = axes[-1]
+    outs = tuple(sorted({a % x.ndim for a in out_axes}))
+    axis = _block_axis(x.shape, axes, outs, block)
     n = x.shape[axis]
     blocks = xf.reshape(*x.shape[:axis], n // block, block, *x.shape[axis + 1 :])
     absmax = jnp.max(jnp.abs(blocks), axis=axis + 1, keepdims=True)

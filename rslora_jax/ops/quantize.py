@@ -49,9 +49,13 @@ from rslora_jax.execution.quant import (
 CHOICES = ("none", *SCHEMES)
 
 
-def _in_axes(config: LoraConfig, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _in_axes(config: LoraConfig, path: str, shape: tuple[int, ...]) -> tuple[tuple, tuple]:
+    """(input axes, output axes) of the kernel at `path`."""
     axes = config.axes_for(path, shape)
-    return tuple(i for i, r in enumerate(axes) if r == "i")
+    return (
+        tuple(i for i, r in enumerate(axes) if r == "i"),
+        tuple(i for i, r in enumerate(axes) if r == "o"),
+    )
 
 
 def _selects(targets: TargetSpec, exclude: TargetSpec | None, path: str, kernel: Any) -> bool:
@@ -120,9 +124,10 @@ def _plan(
                 f"quantize: the kernel at {path!r} is already quantized ({kernel.scheme}); "
                 "quantizing twice would compound the rounding error (dequantize first)"
             )
-        in_axes = _in_axes(config, path, tuple(kernel.shape))
-        check_quantizable(tuple(kernel.shape), scheme, in_axes, block, f"quantize {path!r}")
-        plan[tuple(keys)] = in_axes
+        in_axes, out_axes = _in_axes(config, path, tuple(kernel.shape))
+        where = f"quantize {path!r}"
+        check_quantizable(tuple(kernel.shape), scheme, in_axes, block, where, out_axes)
+        plan[tuple(keys)] = (in_axes, out_axes)
     if not plan:
         raise ValueError(
             f"quantize: targets={targets!r}, exclude={exclude!r} matched no kernel; paths: "
@@ -144,7 +149,7 @@ def quantized_spec(q: QuantizedArray, spec: PartitionSpec, axis_sizes: Mapping[s
       >>> q = quantize_array(jnp.ones((128, 8)), "nf4")
       >>> s = quantized_spec(q, PartitionSpec("fsdp", "model"), {"fsdp": 4, "model": 8})
       >>> s.codes, s.scale
-      (PartitionSpec('fsdp', 'model'), PartitionSpec(None, 'model'))
+      (P('fsdp', 'model'), P(None, 'model'))
     """
     entries = list(spec) + [None] * (q.ndim - len(spec))
 
@@ -161,11 +166,12 @@ def quantized_spec(q: QuantizedArray, spec: PartitionSpec, axis_sizes: Mapping[s
     return jax.tree.map(child, q)
 
 
-def _jitted(scheme: str, in_axes: tuple, block: int, double_quant: bool, where: str):
+def _jitted(scheme: str, axes: tuple, block: int, double_quant: bool, where: str):
     return functools.partial(
         quantize_array,
         scheme=scheme,
-        in_axes=in_axes,
+        in_axes=axes[0],
+        out_axes=axes[1],
         block=block,
         double_quant=double_quant,
         where=where,
@@ -173,11 +179,11 @@ def _jitted(scheme: str, in_axes: tuple, block: int, double_quant: bool, where: 
 
 
 def _quantize_leaf(
-    x: jax.Array, scheme: str, in_axes: tuple, block: int, double_quant: bool, where: str
+    x: jax.Array, scheme: str, axes: tuple, block: int, double_quant: bool, where: str
 ) -> QuantizedArray:
     """One kernel, quantized on its devices; a `NamedSharding` kernel's codes and scales are
     placed by `quantized_spec` (sharded like the kernel)."""
-    fn = _jitted(scheme, in_axes, block, double_quant, where)
+    fn = _jitted(scheme, axes, block, double_quant, where)
     sharding = getattr(x, "sharding", None)
     out_shardings = None
     if isinstance(sharding, NamedSharding):
@@ -212,7 +218,8 @@ def quantize(
       targets: which kernels (same forms as ``LoraConfig.targets``): by default every kernel
         but ``lm_head``, the kernels LoRA targets by default.
       exclude: kernels to leave alone.
-      block: nf4 block size along the input axis (even, must divide it).
+      block: nf4 block size along the input axis (even; where it divides no input axis, the
+        blocks run along the output axis, e.g. a down projection with 688 inputs).
       double_quant: nf4: also quantize the block scales (int8 per output feature).
 
     Returns:
@@ -334,10 +341,10 @@ def loader_transform(
             return x
         if is_quantized(x):
             raise ValueError(f"quantize: the kernel at {holder!r} is already quantized")
-        in_axes = _in_axes(config, holder, tuple(x.shape))
+        axes = _in_axes(config, holder, tuple(x.shape))
         where = f"quantize {holder!r}"
-        check_quantizable(tuple(x.shape), scheme, in_axes, block, where)
-        return _quantize_leaf(x, scheme, in_axes, block, double_quant, where)
+        check_quantizable(tuple(x.shape), scheme, axes[0], block, where, axes[1])
+        return _quantize_leaf(x, scheme, axes, block, double_quant, where)
 
     return transform
 
