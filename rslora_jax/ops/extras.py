@@ -27,6 +27,7 @@ from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.sites import path_key
 from rslora_jax.core.tree import has_shape, is_adapter_key, join_path, set_in
+from rslora_jax.execution.quant import is_quantized
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Keys derived for the extras do not disturb the method's draws.
@@ -40,6 +41,11 @@ def _get(tree: Any, keys: tuple) -> Any:
 
 
 def _values(leaf: Any, what: str) -> Any:
+    if is_quantized(leaf):
+        raise ValueError(
+            f"{what} is quantized; a trained copy or token rows need its float values: leave it "
+            "out of rslora_jax.quantize (exclude=...)"
+        )
     if isinstance(leaf, jax.ShapeDtypeStruct):
         raise ValueError(
             f"{what} copies the base's values, but the params are abstract "

@@ -124,6 +124,7 @@ def train(plan: Plan) -> dict[str, Any]:
         OptimSettings.from_args(args),
         plan.mesh,
         args.forward,
+        getattr(args, "quantize", "none"),
     )
     local = LocalRows.of(prog.batch, args.batch_size)
     base = _load_base(plan, prog)
@@ -170,12 +171,16 @@ def train(plan: Plan) -> dict[str, Any]:
         saved_steps.add(step)
 
     n_adapter = rl.num_adapter_params(adapters)
-    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
+    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base, is_leaf=rl.is_quantized))
+    quant = getattr(args, "quantize", "none")
+    base_memory = f"{rl.base_bytes(base) / 2**20:,.1f} MiB" + (
+        f" with {quant} kernels" if quant != "none" else ""
+    )
     tokens_per_step = args.batch_size * args.seq_len
     scale = plan.lora_config.scale_for("model/layers/self_attn/q_proj")
     processes = f", {jax.process_count()} processes" if multi else ""
     say(
-        f"model {plan.model_dir} ({n_base:,} parameters, frozen)\nadapters: {n_adapter:,} "
+        f"model {plan.model_dir} ({n_base:,} parameters, frozen; {base_memory})\nadapters: {n_adapter:,} "
         f"parameters, rank {args.rank}, alpha {args.alpha:g}, {args.scaling} (scale "
         f"{scale:.4g}), targets {args.targets}\ndata: {plan.data_description}: "
         f"{len(plan.train_rows)} training and {len(plan.eval_rows)} held-out sequences of "
@@ -316,7 +321,7 @@ def _load_base(plan: Plan, prog: Program) -> PyTree:
     from rslora_jax.models.sharding import param_specs
 
     args = plan.args
-    shardings = prog.base
+    shardings = prog.load_base  # the plain base (before --quantize)
     original = plan.model_config
     if plan.vocab_from is not None:  # the checkpoint's shapes, on the same mesh
         original = plan.model_config.replace(vocab_size=plan.vocab_from)
@@ -329,11 +334,20 @@ def _load_base(plan: Plan, prog: Program) -> PyTree:
         scan_layers=True,
         shardings=shardings,
         remat=args.remat,
+        transform=_quantizer(args, plan.lora_config),
     )
     if plan.vocab_from is None:
         return base
-    size = plan.model_config.vocab_size
+    size = plan.model_config.vocab_size  # the tables are never quantized (not "all-linear")
     return jax.jit(lambda p: resize_vocab(p, original, size)[0], out_shardings=prog.base)(base)
+
+
+def _quantizer(args: Any, lora_config: rl.LoraConfig) -> Any:
+    """The loader's per-tensor transform for ``--quantize`` (None for ``none``)."""
+    from rslora_jax.ops.quantize import loader_transform
+
+    scheme = getattr(args, "quantize", "none")
+    return None if scheme == "none" else loader_transform(scheme, config=lora_config)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

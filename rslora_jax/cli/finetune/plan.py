@@ -333,6 +333,19 @@ def _merged_dtype(args: argparse.Namespace, model_dir: Path) -> str:
     return name if name in DTYPES else "float32"
 
 
+def _check_quantize(args: argparse.Namespace, abstract_base: PyTree, config: Any) -> None:
+    """``--quantize``: every targeted kernel can be quantized (shapes only)."""
+    scheme = getattr(args, "quantize", "none")
+    if scheme == "none":
+        return
+    from rslora_jax.ops.quantize import abstract_quantize
+
+    try:
+        abstract_quantize(abstract_base, scheme, config=config)
+    except ValueError as err:
+        raise UsageError(f"--quantize {scheme}: {err}") from None
+
+
 def prepare(args: argparse.Namespace) -> Plan:
     """Checks every input and plans the run; reads no weights and compiles nothing.
 
@@ -366,6 +379,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         lora_config, abstract_adapters = _check_lora(
             args, abstract_base, token_ids, model_config.tie_word_embeddings
         )
+        _check_quantize(args, abstract_base, lora_config)
         mesh = _check_mesh(args, abstract_base, abstract_adapters, lora_config)
     except UsageError:
         if created:
