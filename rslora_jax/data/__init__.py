@@ -42,7 +42,7 @@ from rslora_jax.data.corpora import (
     stdlib_finetune_text,
     stdlib_instruct_records,
 )
-from rslora_jax.data.packing import FIELDS, PackStats, fields, pack_examples
+from rslora_jax.data.packing import FIELDS, PackStats, fields, pack_examples, window_examples
 from rslora_jax.data.records import (
     FORMATS,
     ROLES,
@@ -95,4 +95,5 @@ __all__ = [
     "stdlib_instruct_records",
     "tokenize_and_pack",
     "tokenize_records",
+    "window_examples",
 ]

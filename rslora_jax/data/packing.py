@@ -31,7 +31,7 @@ import numpy as np
 
 from rslora_jax.data.tokens import Example
 
-__all__ = ["FIELDS", "PackStats", "fields", "pack_examples"]
+__all__ = ["FIELDS", "PackStats", "fields", "pack_examples", "window_examples"]
 
 #: The planes of a packed array, in order (axis 1).
 FIELDS: tuple[str, ...] = ("inputs", "targets", "weights", "segment_ids", "positions")
@@ -87,6 +87,31 @@ class PackStats:
             more = ", ..." if self.dropped > len(self.dropped_sources) else ""
             line += f"; {self.dropped} dropped (answer cut off entirely by seq_len: {shown}{more})"
         return line
+
+
+def window_examples(examples: Sequence[Example], seq_len: int) -> list[Example]:
+    """Cuts each long ``windowed`` example (plain text) into windows of ``seq_len + 1`` tokens.
+
+    Consecutive windows share one token, so every token after the first is a target exactly
+    once; the last window holds what is left (at least 2 tokens). Other examples are returned
+    as they are (`pack_examples` truncates them). Windowing before a held-out split keeps the
+    split between windows (a long document's tail can be held out).
+
+    Example:
+        >>> (ex,) = [Example(np.arange(7), np.ones(7, np.uint8), "doc", windowed=True)]
+        >>> [w.ids.tolist() for w in window_examples([ex], seq_len=3)]
+        [[0, 1, 2, 3], [3, 4, 5, 6]]
+    """
+    out = []
+    for ex in examples:
+        n = ex.ids.size
+        if not ex.windowed or n <= seq_len + 1:
+            out.append(ex)
+            continue
+        for k in range(0, n - 1, seq_len):
+            piece = slice(k, min(k + seq_len + 1, n))
+            out.append(dataclasses.replace(ex, ids=ex.ids[piece], weights=ex.weights[piece]))
+    return out
 
 
 def _pieces(
