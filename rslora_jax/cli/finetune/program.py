@@ -97,6 +97,8 @@ class Program:
     #   -> (adapters, state, loss, gradient norm, any stop)
     train_step: Any
     eval_sums: Any  # (adapters, base, rows (rows, 5, S)) -> (summed loss, counted targets)
+    # (adapters, base, batch (accum, rows, 5, S), key) -> (loss, gradient): what a step follows
+    loss_and_grads: Any
     base: PyTree  # NamedShardings
     adapters: PyTree
     state: PyTree
@@ -186,11 +188,10 @@ def program(
         weight = rows[:, 2].astype(jnp.float32)
         return jnp.sum(ce * weight), jnp.sum(weight)
 
-    def train_step(adapters, opt_state, base, batch, key, step, stop):
-        # One optimizer step on `batch` (accum, rows, 5, S): the loss is the mean over the
-        # counted targets of all micro-batches. Gradients of the adapters only: no base-sized
+    def loss_and_grads(adapters, base, batch, key):
+        # The loss of `batch` (accum, rows, 5, S), the mean over the counted targets of all
+        # micro-batches, and its gradient. Gradients of the adapters only: no base-sized
         # gradient is formed.
-        key = jax.random.fold_in(key, step)
         denom = jnp.maximum(jnp.sum(batch[:, :, 2].astype(jnp.float32)), 1.0)
 
         def micro(adapters, rows, k):
@@ -210,6 +211,11 @@ def program(
             zeros = jax.tree.map(jnp.zeros_like, adapters)
             steps = jnp.arange(batch.shape[0])
             (loss, grads), _ = jax.lax.scan(body, (jnp.float32(0.0), zeros), (batch, steps))
+        return loss, grads
+
+    def train_step(adapters, opt_state, base, batch, key, step, stop):
+        # One optimizer step on `batch` (accum, rows, 5, S).
+        loss, grads = loss_and_grads(adapters, base, batch, jax.random.fold_in(key, step))
         if masks is not None:
             grads = layers.apply(grads, masks)
         grad_norm = optax.global_norm(grads)
@@ -227,6 +233,11 @@ def program(
             train_step,
             in_shardings=(adapter_sh, state_sh, base_sh, train_sh, replicated, replicated, flags),
             out_shardings=(adapter_sh, state_sh, replicated, replicated, replicated),
+        ),
+        loss_and_grads=jax.jit(
+            loss_and_grads,
+            in_shardings=(adapter_sh, base_sh, train_sh, replicated),
+            out_shardings=(replicated, adapter_sh),
         ),
         eval_sums=jax.jit(
             eval_sums,
