@@ -314,7 +314,7 @@ def _bad_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
             ["--config", str(toml_file)],
             "run.toml:2: method: argument --method: invalid choice: 'lorax'",
         ),
-        "unknown init": (["--init", "svd"], "argument --init: --init 'svd': unknown initialiser"),
+        "unknown init": (["--init", "svd"], "argument --init: 'svd': unknown initialiser"),
         "unknown init in yaml": (["--config", str(yaml_init)], "init.yaml:2: init: argument"),
         "layers out of range": (["--layers", "0-5"], "--layers '0-5': the model has 2 layers"),
         "rank pattern matches nothing": (

@@ -353,10 +353,11 @@ def init_run_adapters(
             out_shardings=(prog.adapters, prog.base),
         )(base, key)
     else:
-        abstract_base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
+        # The base is an argument (DoRA reads the kernels for its magnitudes; the others only
+        # their shapes).
         adapters = jax.jit(
-            lambda k: rl.init_adapters(abstract_base, config, k), out_shardings=prog.adapters
-        )(key)
+            lambda b, k: rl.init_adapters(b, config, k), out_shardings=prog.adapters
+        )(base, key)
         if plan.layers is not None and config.method.shared_key is not None:
             masks = plan.layers.masks(adapters)
             adapters = jax.jit(lambda a: plan.layers.apply(a, masks), out_shardings=prog.adapters)(

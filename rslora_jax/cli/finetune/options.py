@@ -36,8 +36,10 @@ def _checked(parse: Any) -> Any:
         try:
             return parse(text)
         except UsageError as err:
-            message = str(err)
-            raise argparse.ArgumentTypeError(message.split(": ", 1)[-1]) from None
+            message = str(err)  # "--flag 'value': what is wrong" -> "'value': what is wrong"
+            if message.startswith("--"):
+                message = message.split(" ", 1)[-1]
+            raise argparse.ArgumentTypeError(message) from None
 
     return check
 

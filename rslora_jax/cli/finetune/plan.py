@@ -175,8 +175,8 @@ def _check_lora(args: argparse.Namespace, abstract_base: PyTree) -> tuple[rl.Lor
         jax.eval_shape(lambda k: rl.init_adapters(abstract_base, probe, k), key)
     except ValueError as err:
         raise UsageError(f"--targets {args.targets!r}: {err}") from None
-    try:
-        abstract = jax.eval_shape(lambda k: rl.init_adapters(abstract_base, shaped, k), key)
+    try:  # the base as an argument: DoRA reads the kernels (here: tracers) for its magnitudes
+        abstract = jax.eval_shape(lambda b, k: rl.init_adapters(b, shaped, k), abstract_base, key)
     except ValueError as err:
         raise UsageError(f"--rank {args.rank}: {err}") from None
     check_patterns(args, config, adapted_paths(abstract))

@@ -159,8 +159,8 @@ def program(
         if lora_config.base_modifying_init
         else lora_config
     )
-    abstract_adapters = jax.eval_shape(
-        lambda k: rl.init_adapters(abstract_base, shaped, k), jax.random.key(0)
+    abstract_adapters = jax.eval_shape(  # the base as an argument: DoRA reads the kernels
+        lambda b, k: rl.init_adapters(b, shaped, k), abstract_base, jax.random.key(0)
     )
     base_specs, adapter_specs = run_specs(abstract_base, abstract_adapters, lora_config, mesh)
     opt = make_optimizer(optim)
