@@ -69,6 +69,8 @@ METHODS["rasa-rs"] = lambda r, alpha: rl.LoraConfig(
     rank=r, alpha=alpha, method=rl.RaSA(init="rslora"), **COMMON
 )
 DEFAULT_METHODS = "lora,rslora,rasa,rasa-rs"
+#: RaSA is part of the library (`rslora_jax.RaSA`): always swept.
+HAS_RASA = True
 PAPER_SLOPES = {"lora": -0.5, "rslora": 0.0}
 
 
