@@ -134,6 +134,7 @@ def train(plan: Plan) -> dict[str, Any]:
         optim,
         plan.mesh,
         args.forward,
+        getattr(args, "quantize", "none"),
         args.grad_accum,
         plan.layers,
     )
@@ -146,8 +147,9 @@ def train(plan: Plan) -> dict[str, Any]:
         dtype=args.dtype,
         param_dtype=args.param_dtype,
         scan_layers=True,
-        shardings=prog.base,
+        shardings=prog.load_base,
         remat=args.remat,
+        transform=_quantizer(args, plan.lora_config),
     )
     key_init, key_dropout = jax.random.split(jax.random.key(args.seed))
     adapters, base = init_run_adapters(plan, prog, base, key_init)
@@ -188,11 +190,15 @@ def train(plan: Plan) -> dict[str, Any]:
         saved_steps.add(step)
 
     n_adapter = rl.num_adapter_params(adapters)
-    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
+    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base, is_leaf=rl.is_quantized))
+    quant = getattr(args, "quantize", "none")
+    base_memory = f"{rl.base_bytes(base) / 2**20:,.1f} MiB" + (
+        f" with {quant} kernels" if quant != "none" else ""
+    )
     tokens_per_step = args.batch_size * accum * args.seq_len
     processes = f", {jax.process_count()} processes" if multi else ""
     say(
-        f"model {plan.model_dir} ({n_base:,} parameters, frozen)\n"
+        f"model {plan.model_dir} ({n_base:,} parameters, frozen; {base_memory})\n"
         f"adapters: {n_adapter:,} parameters, {describe_adapters(plan)}\n"
         f"{describe_data(plan)}\n"
         f"batch: {args.batch_size} rows x {args.grad_accum} micro-batch(es) of {args.seq_len} "
@@ -407,6 +413,14 @@ def describe_data(plan: Plan) -> str:
     lines.append(f"  training: {run.train_stats.describe()}")
     lines.append(f"  held-out: {run.eval_stats.describe()}; {len(run.eval_rows)} rows evaluated")
     return "\n".join(lines)
+
+
+def _quantizer(args: Any, lora_config: rl.LoraConfig) -> Any:
+    """The loader's per-tensor transform for ``--quantize`` (None for ``none``)."""
+    from rslora_jax.ops.quantize import loader_transform
+
+    scheme = getattr(args, "quantize", "none")
+    return None if scheme == "none" else loader_transform(scheme, config=lora_config)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

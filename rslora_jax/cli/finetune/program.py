@@ -28,6 +28,7 @@ from rslora_jax.cli.finetune.adapters import LayerSelection
 from rslora_jax.cli.finetune.args import SCHEDULES
 from rslora_jax.cli.finetune.layout import accum_sharding, batch_sharding, named, run_specs
 from rslora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
+from rslora_jax.ops.quantize import abstract_quantize, quantized_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Program:
     train_batch: NamedSharding  # (accum, rows, 5, S)
     replicated: NamedSharding
     flags: NamedSharding  # one bool per device (`stop_flags`)
+    load_base: PyTree = None  # NamedShardings of the plain base (before --quantize)
 
     def stop_flags(self, value: bool) -> jax.Array:
         """A global bool vector with one entry per device, `value` on this process's devices.
@@ -126,6 +128,7 @@ def program(
     optim: OptimSettings,
     mesh: Mesh,
     forward: str = "auto",
+    quantize: str = "none",
     grad_accum: int = 1,
     layers: LayerSelection | None = None,
 ) -> Program:
@@ -145,6 +148,10 @@ def program(
       mesh: the device mesh.
       forward: the `rslora_jax.lora` mode of the training forward (``"auto"``, ``"fused"``,
         ``"factored"``); the evaluation uses the same.
+      quantize: ``"none"`` or the scheme of a quantized base (`rslora_jax.quantize` of the
+        kernels `lora_config` targets by default): the functions then take the quantized base,
+        its codes and scales sharded like the kernels (`Program.load_base` keeps the plain
+        base's shardings, for loading).
       grad_accum: micro-batches per optimizer step.
       layers: ``--layers``: gradients and updates of the other layers' adapter entries are
         zeroed (`rslora_jax.cli.finetune.adapters`).
@@ -163,6 +170,10 @@ def program(
         lambda b, k: rl.init_adapters(b, shaped, k), abstract_base, jax.random.key(0)
     )
     base_specs, adapter_specs = run_specs(abstract_base, abstract_adapters, lora_config, mesh)
+    load_specs = base_specs
+    if quantize != "none":
+        abstract_q = abstract_quantize(abstract_base, quantize, config=lora_config)
+        base_specs = quantized_specs(base_specs, abstract_q, dict(mesh.shape))
     opt = make_optimizer(optim)
     replicated = NamedSharding(mesh, P())
     flags = NamedSharding(mesh, P(tuple(mesh.axis_names)))
@@ -251,4 +262,5 @@ def program(
         train_batch=train_sh,
         replicated=replicated,
         flags=flags,
+        load_base=named(mesh, load_specs),
     )
