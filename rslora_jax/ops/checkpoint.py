@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from rslora_jax import _files
 from rslora_jax._types import PyTree
 from rslora_jax.core.config import LoraConfig
-from rslora_jax.core.tree import KERNEL, combine, iter_holders, join_path, split
+from rslora_jax.core.tree import KERNEL, combine, iter_weights, join_path, split
 
 FORMAT = "rslora_jax.adapters/1"
 
@@ -43,10 +43,15 @@ def _leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
     return out
 
 
+def _weight_shapes(base: PyTree) -> dict[str, tuple[int, ...]]:
+    """``{where a weight's adapter leaves go: the weight's shape}`` for every weight (any name)."""
+    return {join_path(ref.leaf_keys): tuple(h[KERNEL].shape) for ref, h in iter_weights(base)}
+
+
 def manifest(params: PyTree, config: LoraConfig | None) -> dict[str, Any]:
     """What a checkpoint of `params`' adapters holds, as JSON-able data."""
     adapters, base = split(params)
-    kernels = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(base)}
+    kernels = _weight_shapes(base)
     leaves = {}
     for path, leaf in _leaves_with_paths(adapters):
         holder = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -69,7 +74,7 @@ def _check_against(man: Mapping[str, Any], base: PyTree, where: str) -> None:
         raise CheckpointError(
             f"{where}: not an rslora_jax checkpoint (format {man.get('format')!r})"
         )
-    kernels = {join_path(k): tuple(h[KERNEL].shape) for k, h in iter_holders(base)}
+    kernels = _weight_shapes(base)
     problems = []
     for path, info in man["leaves"].items():
         holder = path.rsplit("/", 1)[0] if "/" in path else ""
