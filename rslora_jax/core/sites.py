@@ -49,6 +49,18 @@ def declared(config: LoraConfig, path: str) -> bool:
     return isinstance(axes, tuple) and any(re.fullmatch(k, path) for k, _ in axes)
 
 
+def declared_axes(config: LoraConfig, path: str) -> str | None:
+    """The kernel axes ``config.kernel_axes`` gives `path` (the first fullmatching entry, or the
+    string for all kernels), or None."""
+    axes = config.kernel_axes
+    if isinstance(axes, str):
+        return axes
+    for key, val in axes or ():
+        if re.fullmatch(key, path):
+            return val
+    return None
+
+
 def _is_embedding(ref: WeightRef) -> bool:
     names = [str(ref.name), *map(str, ref.keys[-1:])]
     return any("embed" in n.lower() for n in names) or (
@@ -159,4 +171,12 @@ def path_key(key: PRNGKey, path: str) -> PRNGKey:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-__all__ = ["declared", "layout_for", "path_key", "site_for", "target_paths", "target_sites"]
+__all__ = [
+    "declared",
+    "declared_axes",
+    "layout_for",
+    "path_key",
+    "site_for",
+    "target_paths",
+    "target_sites",
+]
