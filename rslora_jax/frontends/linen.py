@@ -32,6 +32,7 @@ layers inside ``nn.scan``) and column rescale (DoRA: ``m / ||W + gamma*A@B||``, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import string
@@ -198,6 +199,46 @@ def _adapted(module: nn.Module) -> bool:
     return is_adapted(module.variables.get("params", {}))
 
 
+def _lifted_jit(module: nn.Module, method_name: str) -> bool:
+    """Whether the module's method is wrapped by ``nn.jit`` (gemma's ``Transformer.__call__``).
+
+    Its trace is cached by the module and the arguments' shapes alone, so a second call would
+    replay the first trace, made under another interceptor (another mode, config or adapters);
+    such calls run under ``jax.disable_jit()``, which re-traces the method's body each time
+    (inlined into the caller's own ``jax.jit``).
+    """
+    from flax.core import lift
+
+    fn = getattr(type(module), method_name, None)
+    code = getattr(fn, "__code__", None)
+    if code is None or "transform" not in code.co_freevars or fn.__closure__ is None:
+        return False
+    cell = fn.__closure__[code.co_freevars.index("transform")]
+    try:
+        return cell.cell_contents is lift.jit
+    except ValueError:  # an empty cell
+        return False
+
+
+def _retrace(apply_fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
+    """``jax.disable_jit()`` when `apply_fn` is the ``apply`` of a module whose called method is
+    wrapped by ``nn.jit`` (see `_lifted_jit`), else a no-op context."""
+    module = getattr(apply_fn, "__self__", None)
+    method = kwargs.get("method") or "__call__"
+    if isinstance(module, nn.Module) and isinstance(method, str) and _lifted_jit(module, method):
+        return jax.disable_jit()
+    return contextlib.nullcontext()
+
+
+def _plain_call(next_fun, args, kwargs, context):
+    """A module call the interceptor does not adapt (``nn.jit`` methods re-traced, see
+    `_lifted_jit`)."""
+    if _lifted_jit(context.module, context.method_name):
+        with jax.disable_jit():
+            return next_fun(*args, **kwargs)
+    return next_fun(*args, **kwargs)
+
+
 class _Call:
     """One call of an adapted layer: its input, contraction, weight path and holder, and how
     to call the layer on another input."""
@@ -269,10 +310,10 @@ def _interceptor(
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
+            return _plain_call(next_fun, args, kwargs, context)
         call = _layer_call(module, args, kwargs, config)
         if call is None or call.path in skip:
-            return next_fun(*args, **kwargs)
+            return _plain_call(next_fun, args, kwargs, context)
         path = call.path
         handled.add(path)
         ctx = claim.active()
@@ -331,6 +372,7 @@ def _factorable(apply_fn, config, variables, args, kwargs) -> frozenset[str]:
             full[i] = val
         v, a, kw = jax.tree.unflatten(treedef, full)
         with (
+            _retrace(apply_fn, kw),
             claim.activate(config, frozenset(), "factored") as ctx,
             nn.intercept_methods(_interceptor(config, handled, frozenset(), compute=False)),
         ):
@@ -426,6 +468,7 @@ def lora(
                 skip = frozenset(unhandled)
         handled: set[str] = set()
         with (
+            _retrace(apply_fn, kwargs),
             claim.activate(config, skip, mode, shared) as ctx,
             nn.intercept_methods(_interceptor(config, handled, skip, True, shared, mode)),
         ):
@@ -493,10 +536,10 @@ def infer_kernel_axes(apply_fn: Callable[..., Any], variables: Any, *args: Any, 
             if local is not None and path in full_shapes:
                 n_stack = len(full_shapes[path]) - desc[1].kernel.ndim
                 found[path] = "l" * n_stack + local
-        return next_fun(*a, **kw)
+        return _plain_call(next_fun, a, kw, context)
 
     def run(v):
-        with nn.intercept_methods(record):
+        with _retrace(apply_fn, kwargs), nn.intercept_methods(record):
             return apply_fn(v, *args, **kwargs)
 
     jax.eval_shape(run, variables)
