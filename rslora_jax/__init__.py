@@ -24,6 +24,7 @@ from rslora_jax.core.tree import (
     split,
 )
 from rslora_jax.frontends.linen import infer_kernel_axes, lora, register_dense_like
+from rslora_jax.frontends.registry import EinsumLayer, register_einsum_layer, register_stacked
 from rslora_jax.methods import DoRA, LoRA, RaSA
 from rslora_jax.ops.checkpoint import (
     CheckpointError,
@@ -42,6 +43,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "DoRA",
+    "EinsumLayer",
     "LoRA",
     "LoraConfig",
     "RaSA",
@@ -64,6 +66,8 @@ __all__ = [
     "principal_init",
     "rasa",
     "register_dense_like",
+    "register_einsum_layer",
+    "register_stacked",
     "save_adapters",
     "split",
     "unmerge",

@@ -67,6 +67,7 @@ import functools
 import math
 import re
 import string
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -77,9 +78,9 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rslora_jax._types import PRNGKey, PyTree
-from rslora_jax.core.config import LoraConfig
+from rslora_jax.core.config import ALL_LINEAR, OUTPUT_LAYER_NAMES, LoraConfig
 from rslora_jax.core.protocol import shared_key_owner
-from rslora_jax.core.tree import KERNEL, get, is_adapter_key, set_in
+from rslora_jax.core.tree import KERNEL, get, is_adapter_key, iter_weights, set_in
 from rslora_jax.execution.dispatch import Contraction, adapted, fuses
 from rslora_jax.execution.lowrank import einsum_roles
 from rslora_jax.frontends.registry import (
@@ -652,11 +653,30 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
             )
         plan[p] = (path, module, roles)
         set_in(tree, (*path, KERNEL), kernel)
+    others = _other_weights(model, {_join(p) for p, _ in modules})
+    matched = [(p, w) for p, w in others if config.is_target(p, w)]
+    if matched and config.targets != ALL_LINEAR:
+        raise ValueError(
+            f"LoraConfig(targets={config.targets!r}) matches weights of modules the NNX frontend "
+            f"cannot adapt: {_listing(matched)}. The NNX adapter layers are nnx.Linear, "
+            "nnx.LinearGeneral, nnx.Einsum and registered einsum layers "
+            "(rslora_jax.frontends.registry.register_einsum_layer); exclude these or register "
+            "their class"
+        )
     if not plan:
         candidates = ", ".join(repr(_join(p)) for p, _ in modules[:30]) or "none"
         raise ValueError(
             f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}) matched no "
             f"kernel of the NNX model. Candidate paths: {candidates}"
+        )
+    if matched:
+        warnings.warn(
+            "LoraConfig(targets='all-linear') leaves weights of modules the NNX frontend cannot "
+            f"adapt unadapted: {_listing(matched)}; register their class "
+            "(rslora_jax.frontends.registry.register_einsum_layer) to adapt them, or exclude "
+            "them (LoraConfig(exclude=...)) to silence this",
+            UserWarning,
+            stacklevel=3,
         )
     method = config.method
     if method.shared_key is not None:
@@ -671,6 +691,27 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
                 "nnx.to_pure_dict(state), rslora_jax.nnx.merged_model)"
             )
     return plan, tree
+
+
+def _other_weights(model: Any, layers: set[str]) -> list[tuple[str, Any]]:
+    """``(path, weight)`` of the `nnx.Param` weights (two or more axes; not biases, scales or
+    embeddings) outside the adaptable layers `layers` (their paths)."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    out = []
+    for ref, holder in iter_weights(params):
+        module = _join(ref.keys)
+        names = (str(ref.name), *map(str, ref.keys[-1:]))
+        if module in layers or any("embed" in n.lower() for n in names):
+            continue
+        if ref.path.rsplit("/", 1)[-1] in OUTPUT_LAYER_NAMES:
+            continue
+        out.append((ref.path, holder[KERNEL]))
+    return out
+
+
+def _listing(weights: list[tuple[str, Any]]) -> str:
+    shown = ", ".join(f"{p!r} {tuple(w.shape)}" for p, w in weights[:20])
+    return shown + (f" (and {len(weights) - 20} more)" if len(weights) > 20 else "")
 
 
 def _with_axes(config: LoraConfig, plan: dict) -> LoraConfig:
