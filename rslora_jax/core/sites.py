@@ -113,12 +113,15 @@ def target_sites(params: PyTree, config: LoraConfig) -> list[Site]:
     for ref, holder in iter_weights(params):
         if ref.name == KERNEL or declared(config, ref.path):
             candidates.append((ref, holder))
-        elif not _is_embedding(ref):
+        else:
             unknown.append((ref, holder[KERNEL]))
     chosen = [(r, h) for r, h in candidates if config.is_target(r.path, h[KERNEL])]
     matched_unknown = [(r, w) for r, w in unknown if config.is_target(r.path, w)]
     if config.targets != ALL_LINEAR and matched_unknown:
         raise ValueError(_unknown_use_message(config, matched_unknown))
+    # "all-linear" leaves embeddings and output layers out quietly, as PEFT does.
+    unknown = [(r, w) for r, w in unknown if not _is_embedding(r)]
+    matched_unknown = [(r, w) for r, w in matched_unknown if not _is_embedding(r)]
     if not chosen:
         paths = [r.path for r, _ in candidates]
         shown = ", ".join(repr(c) for c in paths[:30])

@@ -654,7 +654,7 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
         plan[p] = (path, module, roles)
         set_in(tree, (*path, KERNEL), kernel)
     others = _other_weights(model, {_join(p) for p, _ in modules})
-    matched = [(p, w) for p, w in others if config.is_target(p, w)]
+    matched = [(p, w) for p, w, _ in others if config.is_target(p, w)]
     if matched and config.targets != ALL_LINEAR:
         raise ValueError(
             f"LoraConfig(targets={config.targets!r}) matches weights of modules the NNX frontend "
@@ -669,6 +669,7 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
             f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}) matched no "
             f"kernel of the NNX model. Candidate paths: {candidates}"
         )
+    matched = [(p, w) for p, w, embedding in others if not embedding and config.is_target(p, w)]
     if matched:
         warnings.warn(
             "LoraConfig(targets='all-linear') leaves weights of modules the NNX frontend cannot "
@@ -693,19 +694,19 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
     return plan, tree
 
 
-def _other_weights(model: Any, layers: set[str]) -> list[tuple[str, Any]]:
-    """``(path, weight)`` of the `nnx.Param` weights (two or more axes; not biases, scales or
-    embeddings) outside the adaptable layers `layers` (their paths)."""
+def _other_weights(model: Any, layers: set[str]) -> list[tuple[str, Any, bool]]:
+    """``(path, weight, is embedding or output layer)`` of the `nnx.Param` weights (two or more
+    axes; not biases or scales) outside the adaptable layers `layers` (their paths)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     out = []
     for ref, holder in iter_weights(params):
-        module = _join(ref.keys)
+        if _join(ref.keys) in layers:
+            continue
         names = (str(ref.name), *map(str, ref.keys[-1:]))
-        if module in layers or any("embed" in n.lower() for n in names):
-            continue
-        if ref.path.rsplit("/", 1)[-1] in OUTPUT_LAYER_NAMES:
-            continue
-        out.append((ref.path, holder[KERNEL]))
+        embedding = any("embed" in n.lower() for n in names) or (
+            ref.path.rsplit("/", 1)[-1] in OUTPUT_LAYER_NAMES
+        )
+        out.append((ref.path, holder[KERNEL], embedding))
     return out
 
 
