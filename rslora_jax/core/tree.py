@@ -11,10 +11,10 @@ tunix's NNX ``Einsum``: ``w``) are weights too: a dict's *weights* are its ``ker
 other non-adapter arrays with two or more axes (``bias`` and ``scale`` excepted, see
 `weight_names`). Each weight has a path and a place for its adapter leaves (`WeightRef`):
 
-- a ``kernel``, or the dict's only weight: the path is the dict's path and the adapter leaves
-  sit next to the weight (``{"w": W, "lora_a": A, "lora_b": B}``), as for ``kernel`` always;
+- a ``kernel``, or the only weight of a dict below the top level: the path is the dict's path
+  and the adapter leaves sit next to the weight (``{"w": W, "lora_a": A, "lora_b": B}``), as for ``kernel`` always;
 - one of several weights in one dict (gemma's feed-forward keeps ``gating_einsum`` and
-  ``linear`` in one scope): the path is ``<dict path>/<name>`` and the leaves sit in a sub-dict
+  ``linear`` in one scope), or a top-level one: the path is ``<dict path>/<name>`` and the leaves sit in a sub-dict
   ``lora_<name>`` next to it (``{"linear": W, "lora_linear": {"lora_a": A, ...}}``).
 
 The functions that read one weight with its leaves see a *holder*: a dict with the weight under
@@ -133,7 +133,9 @@ def sub_key(name: Any) -> str:
 def weight_refs(tree: Mapping[Any, Any], prefix: tuple[Any, ...] = ()) -> list[WeightRef]:
     """`WeightRef` of each weight directly in one dict."""
     names = weight_names(tree)
-    return [WeightRef(prefix, n, own=n == KERNEL or len(names) == 1) for n in names]
+    # A lone weight shares its dict's path, except at the top level (the path would be empty).
+    alone = len(names) == 1 and bool(prefix)
+    return [WeightRef(prefix, n, own=n == KERNEL or alone) for n in names]
 
 
 def holder_view(tree: Mapping[Any, Any], ref: WeightRef) -> dict[Any, Any]:
