@@ -92,6 +92,24 @@ class Model(nn.Module):
         return _forward(self, tokens)
 
 
+class _Layers(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = Block(name=str(i))(x)
+        return x
+
+
+class LayeredModel(nn.Module):
+    """The same blocks at ``layers/<i>/...`` (the layout RaSA's default layer pattern reads; the
+    property suite's einsum frontend)."""
+
+    @nn.compact
+    def __call__(self, tokens):
+        table = self.param("input_embedding", nn.initializers.normal(1.0), (16, D))
+        return _Layers(name="layers")(table[tokens]) @ table.T
+
+
 class JitModel(nn.Module):
     """As gemma's Transformer: ``__call__`` wrapped by ``nn.jit`` (cached by shapes alone)."""
 
@@ -293,3 +311,10 @@ def test_nnx_all_linear_warns_and_targets_refuse_unadaptable_weights():
     with pytest.raises(ValueError, match="cannot adapt: 'table' \\(4, 4\\)"):
         rnnx.add_adapters(_RawProj(nnx.Rngs(0)), rl.LoraConfig(rank=2, targets=["table", "out"]),
                           jax.random.key(0))  # fmt: skip
+
+
+def test_rasa_refuses_stacked_members_in_unscanned_layers():
+    cfg = _config(method="rasa")
+    with pytest.raises(ValueError, match="layer index .* and its kernel has layer axes"):
+        rl.init(PARAMS, cfg.replace(method=rl.RaSA(k=1, layer_pattern=r"layer_(\d+)/")),
+                jax.random.key(0))  # fmt: skip
