@@ -4,9 +4,14 @@ Three ways to compute an adapted layer, with the same result (up to rounding), f
 (LoRA/rsLoRA, RaSA, DoRA, PiSSA/OLoRA-initialised):
 
 - **factored**: ``y = x @ W + gamma * (x @ A) @ B``, never forming ``W + gamma * A @ B``. Done by
-  intercepting linen ``Dense``, ``DenseGeneral``, ``Einsum`` and Dense-like module calls
-  (`flax.linen.intercept_methods`), which also works inside ``nn.scan`` and ``nn.remat``: the
-  adapter leaves sit in the same dict as the kernel and are sliced with it.
+  intercepting linen ``Dense``, ``DenseGeneral``, ``Einsum`` and Dense-like module calls, and
+  registered einsum layers whose weight is not a ``kernel`` (Google's ``gemma`` library:
+  `rslora_jax.frontends.registry`) (`flax.linen.intercept_methods`), which also works inside
+  ``nn.scan`` and ``nn.remat``: the adapter leaves sit in the same dict as the kernel (or in a
+  ``lora_<name>`` sub-dict next to it, see `rslora_jax.core.tree`) and are sliced with it. A
+  model whose ``__call__`` is ``nn.jit``-wrapped (gemma's ``Transformer``) is re-traced under
+  the interceptor on every call (``jax.disable_jit`` around it, inlined into the caller's jit):
+  its own cache is keyed by shapes alone and would replay another call's trace.
 - **fused** (`rslora_jax.execution.fused`): per layer and per call, form ``W + gamma * A @ B``
   (float32, cast once) and run one matmul, with the adapter gradients computed in low-rank form by
   a custom VJP (no ``d_in x d_out`` gradient). Possible for ``Dense``, ``DenseGeneral`` and

@@ -1,4 +1,7 @@
-"""Flax NNX frontend: adapters inside `nnx.Linear` / `LinearGeneral` / `Einsum` layers.
+"""Flax NNX frontend: adapters inside `nnx.Linear` / `LinearGeneral` / `Einsum` layers, and
+inside registered einsum layers whose weight is not a ``kernel`` (google-tunix's ``Einsum``
+with ``w``: `rslora_jax.frontends.registry`; stacked projections such as tunix Gemma 3's
+``kv_einsum`` get one adapter per member).
 
 Two ways to use the library with an NNX model:
 
