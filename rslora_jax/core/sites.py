@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import zlib
+from collections.abc import Sequence
 
 import jax
 
@@ -30,12 +32,55 @@ def site_for(config: LoraConfig, path: str, keys: tuple, kernel: object) -> Site
     )
 
 
+def check_listed_targets(config: LoraConfig, paths: Sequence[str], where: str = "") -> None:
+    """Refuses a listed target name that matches none of `paths` (a typo such as ``v_projj``).
+
+    Only a list of names (PEFT's ``target_modules`` list rule) is checked: each name must match
+    the end of at least one kernel path. A regex or a callable may rightly match nothing in a
+    given tree.
+
+    Args:
+      config: the config.
+      paths: every kernel path of the tree (targeted or not).
+      where: what is checked, for the message (e.g. ``" of the NNX model"``).
+
+    Raises:
+      ValueError: naming the unmatched names and the module names there are (closest first).
+
+    Example:
+      >>> check_listed_targets(LoraConfig(targets=["q_proj", "v_projj"]), ["l/q_proj", "l/v_proj"])
+      Traceback (most recent call last):
+      ...
+      ValueError: LoraConfig(targets=('q_proj', 'v_projj')): 'v_projj' matches no kernel (did you mean 'v_proj'?). Module names: 'q_proj', 'v_proj'
+    """
+    targets = config.targets
+    if isinstance(targets, str) or callable(targets):
+        return
+    unmatched = [
+        name for name in targets if not any(p == name or p.endswith("/" + name) for p in paths)
+    ]
+    if not unmatched:
+        return
+    names = sorted({p.rsplit("/", 1)[-1] for p in paths})
+    problems = []
+    for name in unmatched:
+        close = difflib.get_close_matches(name.rsplit("/", 1)[-1], names, n=2, cutoff=0.8)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        problems.append(f"{name!r} matches no kernel{where}{hint}")
+    shown = ", ".join(repr(n) for n in names[:40]) + (" ..." if len(names) > 40 else "")
+    raise ValueError(
+        f"LoraConfig(targets={targets!r}): {'; '.join(problems)}. Module names: "
+        f"{shown or 'none: the tree holds no kernel'}"
+    )
+
+
 def target_sites(params: PyTree, config: LoraConfig) -> list[Site]:
     """The sites `config` adapts in `params`, in tree order.
 
     Raises:
-      ValueError: if nothing matches (the message lists candidate paths), if a target already
-        has adapters, or if a target's kernel axes or rank do not fit its kernel.
+      ValueError: if nothing matches (the message lists candidate paths), if a listed target
+        name matches no kernel (`check_listed_targets`), if a target already has adapters,
+        or if a target's kernel axes or rank do not fit its kernel.
 
     Example:
       >>> import jax.numpy as jnp
@@ -57,6 +102,7 @@ def target_sites(params: PyTree, config: LoraConfig) -> list[Site]:
             f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}) matched no "
             f"kernel. Candidate paths: {shown or 'none: the tree holds no kernel'}{more}"
         )
+    check_listed_targets(config, [join_path(k) for k, _ in holders])
     sites = []
     for path, keys, holder in chosen:
         if any(is_adapter_key(k) for k in holder):
@@ -84,4 +130,11 @@ def path_key(key: PRNGKey, path: str) -> PRNGKey:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-__all__ = ["layout_for", "path_key", "site_for", "target_paths", "target_sites"]
+__all__ = [
+    "check_listed_targets",
+    "layout_for",
+    "path_key",
+    "site_for",
+    "target_paths",
+    "target_sites",
+]

@@ -79,6 +79,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rslora_jax._types import PRNGKey, PyTree
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.protocol import shared_key_owner
+from rslora_jax.core.sites import check_listed_targets
 from rslora_jax.core.tree import KERNEL, get, is_adapter_key, set_in
 from rslora_jax.execution.dispatch import Contraction, adapted, fuses
 from rslora_jax.execution.lowrank import einsum_roles
@@ -568,6 +569,7 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
             f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}) matched no "
             f"kernel of the NNX model. Candidate paths: {candidates}"
         )
+    check_listed_targets(config, [_join(p) for p, _ in modules], " of the NNX model")
     method = config.method
     if method.shared_key is not None:
         stacked = [p for p, (_, m, roles) in plan.items() if len(roles) > len(_local_roles(m, p))]
