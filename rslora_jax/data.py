@@ -437,7 +437,7 @@ def load_texts(paths: Sequence[str | Path], *, text_field: str = "text") -> list
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(
-                    f"{where}: invalid JSON ({err.msg} at column {err.colno})"
+                    f"{where}: invalid JSON at column {err.colno}: {err.msg}"
                 ) from err
             document = _record_text(record, text_field, where)
             if document.strip():

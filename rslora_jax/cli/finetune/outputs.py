@@ -15,7 +15,9 @@ import jax
 import numpy as np
 
 import rslora_jax as rl
+from rslora_jax import _files
 from rslora_jax._types import PyTree
+from rslora_jax.cli.finetune import guards
 from rslora_jax.cli.finetune.args import args_to_json
 from rslora_jax.cli.finetune.plan import Plan, checkpoint_steps
 
@@ -26,11 +28,14 @@ def write_outputs(
     """Adapter checkpoint, PEFT adapter, merged checkpoint + tokenizer, loss curve.
 
     Every process calls this: the adapter checkpoint is written by all together; the rest is
-    gathered to every process (`process_allgather`) and written by process 0.
+    gathered to every process (`process_allgather`) and written by process 0. Each directory
+    appears whole (the merged model with its tokenizer, in one swap); a full disk stops the
+    run with a message naming what was being written (`guards.writing`).
     """
     from jax.experimental import multihost_utils
 
     from rslora_jax.hf import save_pretrained
+    from rslora_jax.hf.io import save_tokenizer
 
     args, out = plan.args, plan.out
     outputs = {
@@ -42,26 +47,35 @@ def write_outputs(
         "metrics": out / "metrics.json",
     }
     params = rl.combine(adapters, base)
-    rl.save_adapters(outputs["adapters"], params, plan.lora_config)
+    with guards.writing(outputs["adapters"], out):
+        rl.save_adapters(outputs["adapters"], params, plan.lora_config)
     merged = jax.jit(rl.merge, static_argnums=1)(params, plan.lora_config)
     if jax.process_count() > 1:  # pieces in every process: gather them
         merged = multihost_utils.process_allgather(merged, tiled=True)
         # export_peft reads the adapters' values and only the kernels' shapes.
         params = rl.combine(multihost_utils.process_allgather(adapters, tiled=True), base)
     if jax.process_index() == 0:
-        plan.export_peft(
-            outputs["peft"],
-            params,
-            plan.lora_config,
-            plan.model_config,
-            base_model_name_or_path=str(plan.model_dir),
-        )
-        save_pretrained(outputs["merged"], merged, plan.hf_config, dtype=plan.merged_dtype)
-        plan.tokenizer.save_pretrained(str(outputs["merged"]))
+        with guards.writing(outputs["peft"], out):
+            plan.export_peft(
+                outputs["peft"],
+                params,
+                plan.lora_config,
+                plan.model_config,
+                base_model_name_or_path=str(plan.model_dir),
+            )
+        with guards.writing(outputs["merged"], out):
+            save_pretrained(
+                outputs["merged"],
+                merged,
+                plan.hf_config,
+                dtype=plan.merged_dtype,
+                extra=lambda staging: save_tokenizer(plan.tokenizer, staging),
+            )
         title = (
             f"{args.scaling} r={args.rank} alpha={args.alpha:g} lr={args.lr:g} ({args.schedule})"
         )
-        plot_losses(outputs["loss_curve"], losses, evals, title)
+        with guards.writing(outputs["loss_curve"], out):
+            plot_losses(outputs["loss_curve"], losses, evals, title)
     return outputs
 
 
@@ -88,7 +102,7 @@ def plot_losses(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    _files.write_file(path, lambda tmp: fig.savefig(tmp, format="png"), who="plot_losses")
 
 
 def summary(m: dict[str, Any], out: Path) -> str:
@@ -193,5 +207,6 @@ def build_metrics(
 
 def write_metrics(metrics: dict[str, Any], path: Path, out: Path) -> None:
     """Writes ``metrics.json`` to `path` and prints the `summary` (process 0 only)."""
-    path.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    text = json.dumps(metrics, indent=2, default=str) + "\n"
+    _files.write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(summary(metrics, out), flush=True)

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ import rslora_jax as rl
 from rslora_jax import data
 from rslora_jax._types import PyTree
 from rslora_jax.cli.common import DTYPES, UsageError, parse_mesh
-from rslora_jax.cli.finetune.args import DEFAULT_MODEL, RUNS_DIR
+from rslora_jax.cli.finetune import guards
+from rslora_jax.cli.finetune.args import DEFAULT_MODEL, PROG, RUNS_DIR
 from rslora_jax.cli.finetune.layout import LocalRows, batch_sharding, batch_ways, run_specs
 from rslora_jax.core.config import ALL_LINEAR
 from rslora_jax.models.llama import LlamaConfig, init_params
@@ -54,20 +56,19 @@ class Plan:
 
 
 def _check_out(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The output directory, created and probed for writing; and whether it was created."""
+    """The output directory, created and probed for writing; and whether it was created.
+
+    What it may already hold is checked by `rslora_jax.cli.finetune.guards.check_out`.
+    """
     out = args.out if args.out is not None else RUNS_DIR / time.strftime("rslora-%Y%m%d-%H%M%S")
     out = out.expanduser().absolute()
-    if args.resume:
-        if not checkpoint_steps(out / "checkpoints"):
-            raise UsageError(
-                f"--resume: no checkpoint under {str(out / 'checkpoints')!r}; the run was "
-                "interrupted before its first checkpoint: start it again without --resume"
-            )
-    elif (out / "run.json").exists() or (out / "checkpoints").exists():
-        raise UsageError(
-            f"--out {str(out)!r} already holds a fine-tuning run: pass --resume to continue it, "
-            "or choose another --out"
-        )
+    model = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
+    inputs = {"--model": model}
+    if args.tokenizer is not None:
+        inputs["--tokenizer"] = args.tokenizer.expanduser().absolute()
+    note = guards.check_out(args, out, inputs, lead=jax.process_index() == 0)
+    if note and jax.process_index() == 0:
+        print(f"{PROG}: {note}", file=sys.stderr, flush=True)
     existed = out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def checkpoint_steps(directory: Path) -> list[int]:
 
 
 def _check_model(args: argparse.Namespace) -> tuple[Path, Any, LlamaConfig]:
-    from rslora_jax.hf import load_config
+    from rslora_jax.hf import check_pretrained, load_config
 
     model_dir = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
     what = f"--model {str(model_dir)!r}"
@@ -126,6 +127,10 @@ def _check_model(args: argparse.Namespace) -> tuple[Path, Any, LlamaConfig]:
             else ""
         )
         raise UsageError(f"{what}: no model.safetensors or model.safetensors.index.json{hint}")
+    try:  # every header and the index against the config, before anything is created
+        check_pretrained(model_dir)
+    except ValueError as err:
+        raise UsageError(f"{what}: {err}") from None
     return model_dir, hf_config, model_config
 
 
@@ -216,6 +221,18 @@ def _check_lora(args: argparse.Namespace, abstract_base: PyTree) -> tuple[rl.Lor
     return config, abstract
 
 
+def _check_mesh_size(args: argparse.Namespace) -> None:
+    """``--mesh``'s syntax and size against the devices JAX sees (the rest: `_check_mesh`)."""
+    axes = parse_mesh(args.mesh)
+    if axes and math.prod(axes.values()) != jax.device_count():
+        across = f" across {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        raise UsageError(
+            f"--mesh {args.mesh!r} has {math.prod(axes.values())} devices, but JAX sees "
+            f"{jax.device_count()}{across} ({jax.devices()[0].platform}); make the axis sizes "
+            f"multiply to {jax.device_count()}"
+        )
+
+
 def _check_mesh(
     args: argparse.Namespace, abstract_base: PyTree, abstract_adapters: PyTree, lora_config: Any
 ) -> Mesh:
@@ -294,6 +311,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise UsageError(
             f"--warmup-steps {args.warmup_steps} must be smaller than --steps {args.steps}"
         )
+    _check_mesh_size(args)  # cheap: before the tokenizer's work
     out, created = _check_out(args)
     try:
         model_dir, hf_config, model_config = _check_model(args)
@@ -309,7 +327,7 @@ def prepare(args: argparse.Namespace) -> Plan:
         abstract_base = jax.eval_shape(lambda k: init_params(model_config, k), jax.random.key(0))
         lora_config, abstract_adapters = _check_lora(args, abstract_base)
         mesh = _check_mesh(args, abstract_base, abstract_adapters, lora_config)
-    except UsageError:
+    except (UsageError, KeyboardInterrupt):
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if still empty

@@ -82,7 +82,8 @@ class Program:
     """The jitted functions of a run and the shardings they take (see `program`)."""
 
     init_state: Any  # adapters -> optimizer state
-    # (adapters, state, base, batch, key, step, stop flags) -> (adapters, state, loss, any stop)
+    # (adapters, state, base, batch, key, step, stop flags)
+    #   -> (adapters, state, loss, any stop, finite): a non-finite step returns its inputs
     train_step: Any
     eval_sums: Any  # (adapters, base, batch, row weights) -> (summed loss, token count)
     base: PyTree  # NamedShardings
@@ -156,8 +157,21 @@ def program(
         loss, grads = jax.value_and_grad(loss_fn)(
             adapters, base, batch, jax.random.fold_in(key, step)
         )
-        updates, opt_state = opt.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss, jnp.any(stop)
+        updates, new_state = opt.update(grads, opt_state, adapters)
+        new_adapters = optax.apply_updates(adapters, updates)
+        # A step whose loss or gradient is not finite changes nothing (the loop then stops).
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+
+        def keep(new: PyTree, old: PyTree) -> PyTree:
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        return (
+            keep(new_adapters, adapters),
+            keep(new_state, opt_state),
+            loss,
+            jnp.any(stop),
+            finite,
+        )
 
     def eval_sums(adapters, base, batch, weight):
         logits = apply({"params": rl.combine(adapters, base)}, batch[:, :-1])
@@ -171,7 +185,7 @@ def program(
         train_step=jax.jit(
             train_step,
             in_shardings=(adapter_sh, state_sh, base_sh, batch_sh, replicated, replicated, flags),
-            out_shardings=(adapter_sh, state_sh, replicated, replicated),
+            out_shardings=(adapter_sh, state_sh, replicated, replicated, replicated),
         ),
         eval_sums=jax.jit(
             eval_sums,
