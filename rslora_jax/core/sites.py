@@ -64,7 +64,7 @@ def check_listed_targets(config: LoraConfig, paths: Sequence[str], where: str = 
     names = sorted({p.rsplit("/", 1)[-1] for p in paths})
     problems = []
     for name in unmatched:
-        close = difflib.get_close_matches(name.rsplit("/", 1)[-1], names, n=2, cutoff=0.8)
+        close = difflib.get_close_matches(name.rsplit("/", 1)[-1], names, n=1, cutoff=0.6)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         problems.append(f"{name!r} matches no kernel{where}{hint}")
     shown = ", ".join(repr(n) for n in names[:40]) + (" ..." if len(names) > 40 else "")

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import errno
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,10 +195,22 @@ def last_checkpoint(out: Path) -> str:
     return "there is no checkpoint yet (run the same command again to start over)"
 
 
+class _DiskFullRecords(logging.Filter):
+    """Drops orbax's own log records of a full disk (its writer threads log each failure with
+    a traceback before the error reaches us; `writing` says it once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not any(s in text for s in ("No space left on device", "Disk quota exceeded"))
+
+
 @contextlib.contextmanager
 def writing(what: Path, out: Path) -> Iterator[None]:
     """Turns a full disk while writing `what` into a `RunError` naming it and the last good
     checkpoint."""
+    quiet = _DiskFullRecords()
+    logger = logging.getLogger("absl")
+    logger.addFilter(quiet)
     try:
         yield
     except Exception as err:
@@ -206,6 +219,8 @@ def writing(what: Path, out: Path) -> Iterator[None]:
                 f"no space left on device while writing {what}; {last_checkpoint(out)}"
             ) from None
         raise
+    finally:
+        logger.removeFilter(quiet)
 
 
 __all__ = [

@@ -120,6 +120,8 @@ def train(plan: Plan) -> dict[str, Any]:
     lead = jax.process_index() == 0
     say = functools.partial(print, flush=True) if lead else _silent
     t_start = time.perf_counter()
+    if lead:
+        guards.clean_out(out)  # staging that a killed run left behind
     if not args.resume and lead:
         run = {"args": {**args_to_json(args), "out": str(out)}, "data_sha256": plan.data_sha256}
         text = json.dumps(run, indent=2) + "\n"
@@ -212,8 +214,7 @@ def _train(plan: Plan, t_start: float, say: Any) -> dict[str, Any]:
         except rl.CheckpointError as err:
             raise guards.RunError(f"--resume: {err}. Start the run over with --overwrite") from None
         for step in skipped:  # newer than the one restored: training writes them again
-            if lead:
-                manager.delete(step)
+            manager.delete(step)  # every process (orbax synchronises them)
         adapters, _ = rl.split(restored)
         losses = [float(x) for x in extra.get("losses", [])]
         evals = [list(e) for e in extra.get("evals", [])]
