@@ -135,11 +135,13 @@ def test_kill_inside_an_export_and_between_two_renames(base, tmp_path):
     before = _adapters(out / "adapters", base.params)
 
     # 2. Killed between the two renames that put a new adapters/ in place (no renameat2):
-    #    the old directory waits under .adapters.old, and a reader gets it back whole.
+    #    the old directory waits under .adapters.old (the finished new one in its staging),
+    #    and a reader gets the old one back whole.
     _killed(
         _run(_command("kill-between-renames:adapters", ["--resume", "--out", str(out)]), tmp_path)
     )
-    assert not (out / "adapters").exists() and _hidden(out) == [".adapters.old"]
+    assert not (out / "adapters").exists()
+    assert [n.split(".tmp-")[0] for n in _hidden(out)] == [".adapters.old", ".adapters"]
     after = _adapters(out / "adapters", base.params)  # load_adapters restores it first
     assert after.keys() == before.keys()
     for key in before:

@@ -254,7 +254,9 @@ def save_adapters(directory: str | os.PathLike, params: PyTree, config: LoraConf
         )
     target = Path(directory).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{_shared_token()}"  # same name in every process
+    if jax.process_index() == 0:
+        _files.clean_staging(target)  # what a killed save left
+    tmp = target.parent / _staging_name(target)
     checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
         checkpointer.save(
@@ -274,6 +276,16 @@ def save_adapters(directory: str | os.PathLike, params: PyTree, config: LoraConf
         checkpointer.close()
         if jax.process_index() == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _staging_name(target: Path) -> str:
+    """The staging directory's name: the same in every process. With one process it carries
+    the host and pid, so that a later save removes it if this process is killed
+    (`rslora_jax._files.clean_staging`)."""
+    token = _shared_token()
+    if jax.process_count() == 1:
+        return f"{_files.staging_prefix(target)}{token}"
+    return f".{target.name}.tmp-{token}"
 
 
 def _shared_token() -> str:
