@@ -12,11 +12,12 @@ import jax
 
 from rslora_jax.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
 from rslora_jax.cli.finetune.args import LAUNCH_ARGS, PROG, RUNS_DIR, args_to_json, parse_args
-from rslora_jax.cli.finetune.guards import Interrupted
+from rslora_jax.cli.finetune.guards import Interrupted, clear
 from rslora_jax.cli.finetune.loop import train
 from rslora_jax.cli.finetune.plan import prepare
 from rslora_jax.cli.finetune.runtime import (
     agree,
+    barrier,
     broadcast_text,
     check_distributed,
     same_run,
@@ -52,6 +53,11 @@ def finetune(argv: Sequence[str] | None = None) -> dict[str, Any]:
         resolved = {k: v for k, v in args_to_json(plan.args).items() if k not in LAUNCH_ARGS}
         same_run({**{f"--{k.replace('_', '-')}": v for k, v in resolved.items()},
                   "the data (tokens)": plan.data_sha256})  # fmt: skip
+    if jax.process_index() == 0:  # every process accepted the run: replace what it replaces
+        if plan.out_note:
+            print(f"{PROG}: {plan.out_note}", file=sys.stderr, flush=True)
+        clear(plan.out, plan.out_clear)
+    barrier("rslora-finetune: --out prepared")
     return train(plan)
 
 

@@ -69,19 +69,19 @@ def _has_checkpoint(out: Path) -> bool:
 
 
 def check_out(
-    args: argparse.Namespace, out: Path, inputs: dict[str, Path], *, lead: bool = True
-) -> str | None:
-    """Checks what ``--out`` holds against what the run is asked to do; may clear our entries.
+    args: argparse.Namespace, out: Path, inputs: dict[str, Path]
+) -> tuple[str | None, list[str]]:
+    """Checks what ``--out`` holds against what the run is asked to do (changes nothing there).
 
     Args:
       args: the arguments (``args.resume`` is cleared when a run with no checkpoint is started
         over).
       out: the output directory (absolute).
       inputs: ``{flag: directory}`` of the run's inputs (``--model``, ``--tokenizer``).
-      lead: whether this process removes what is to be replaced (process 0 of several).
 
     Returns:
-      A note to print (a run started over or replaced), or None.
+      ``(note, names)``: a note to print (a run started over or replaced) or None, and the
+      entries of `OUTPUT_NAMES` to remove (`clear`) once every other check has passed.
 
     Raises:
       UsageError: ``--out`` is or contains an input; it holds a run to resume or replace, or
@@ -96,7 +96,7 @@ def check_out(
                 "and the other outputs are replaced); choose another --out"
             )
     if not out.exists():
-        return None
+        return None, []
     run_json = out / "run.json"
     present = [name for name in OUTPUT_NAMES if (out / name).exists() or (out / name).is_symlink()]
     ours = run_json.is_file() and _ours(run_json)
@@ -108,18 +108,16 @@ def check_out(
             )
         if not _has_checkpoint(out):
             args.resume = False
-            _clear(out, ("checkpoints",), lead)
             return (
                 f"--resume: {out} has no checkpoint yet (the run stopped before its first "
                 "one): starting it from step 0"
-            )
-        return None
+            ), ["checkpoints"]
+        return None, []
     if args.overwrite and present:
-        _clear(out, present, lead)
-        return f"--overwrite: replacing {', '.join(present)} in {out}"
+        return f"--overwrite: replacing {', '.join(present)} in {out}", present
     if ours and not _has_checkpoint(out) and not (out / "metrics.json").exists():
-        _clear(out, ("checkpoints",), lead)
-        return f"{out} holds a run that stopped before its first checkpoint: starting it again"
+        note = f"{out} holds a run that stopped before its first checkpoint: starting it again"
+        return note, ["checkpoints"]
     if ours:
         raise UsageError(
             f"--out {str(out)!r} already holds a fine-tuning run: pass --resume to continue it, "
@@ -131,14 +129,14 @@ def check_out(
             "write (there is no run.json of a run) and would replace: pass --overwrite to let "
             "it, or choose another --out"
         )
-    return None
+    return None, []
 
 
-def _clear(out: Path, names: tuple[str, ...] | list[str], lead: bool) -> None:
-    """Removes our entries (and staging a killed write left) from `out` (process 0 only)."""
-    if not lead:
-        return
+def clear(out: Path, names: list[str]) -> None:
+    """Removes entries of `OUTPUT_NAMES` (and staging a killed write left) from `out`."""
     for name in names:
+        if name not in OUTPUT_NAMES:
+            raise ValueError(f"clear: {name!r} is not an output of this command")
         path = out / name
         if path.is_symlink() or path.is_file():
             path.unlink()
@@ -229,6 +227,7 @@ __all__ = [
     "RunError",
     "check_out",
     "clean_out",
+    "clear",
     "disk_full",
     "last_checkpoint",
     "writing",

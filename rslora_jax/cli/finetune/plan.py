@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from rslora_jax import data
 from rslora_jax._types import PyTree
 from rslora_jax.cli.common import DTYPES, UsageError, parse_mesh
 from rslora_jax.cli.finetune import guards
-from rslora_jax.cli.finetune.args import DEFAULT_MODEL, PROG, RUNS_DIR
+from rslora_jax.cli.finetune.args import DEFAULT_MODEL, RUNS_DIR
 from rslora_jax.cli.finetune.layout import LocalRows, batch_sharding, batch_ways, run_specs
 from rslora_jax.core.config import ALL_LINEAR
 from rslora_jax.models.llama import LlamaConfig, init_params
@@ -53,22 +52,21 @@ class Plan:
     mesh: Mesh
     merged_dtype: str
     export_peft: Any
+    out_note: str | None = None  # what --out held and what happens to it (`guards.check_out`)
+    out_clear: list[str] = dataclasses.field(default_factory=list)  # removed before training
 
 
-def _check_out(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The output directory, created and probed for writing; and whether it was created.
-
-    What it may already hold is checked by `rslora_jax.cli.finetune.guards.check_out`.
-    """
+def _check_out(args: argparse.Namespace) -> tuple[Path, bool, str | None, list[str]]:
+    """The output directory, created and probed for writing; whether it was created; and what
+    `rslora_jax.cli.finetune.guards.check_out` says of what it holds (a note, what to clear
+    once every check has passed)."""
     out = args.out if args.out is not None else RUNS_DIR / time.strftime("rslora-%Y%m%d-%H%M%S")
     out = out.expanduser().absolute()
     model = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
     inputs = {"--model": model}
     if args.tokenizer is not None:
         inputs["--tokenizer"] = args.tokenizer.expanduser().absolute()
-    note = guards.check_out(args, out, inputs, lead=jax.process_index() == 0)
-    if note and jax.process_index() == 0:
-        print(f"{PROG}: {note}", file=sys.stderr, flush=True)
+    note, to_clear = guards.check_out(args, out, inputs)
     existed = out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -79,7 +77,7 @@ def _check_out(args: argparse.Namespace) -> tuple[Path, bool]:
             f"--out {str(out)!r}: cannot write there ({err.strerror or err}); choose a writable "
             "directory"
         ) from None
-    return out, not existed
+    return out, not existed, note, to_clear
 
 
 def checkpoint_steps(directory: Path) -> list[int]:
@@ -312,7 +310,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             f"--warmup-steps {args.warmup_steps} must be smaller than --steps {args.steps}"
         )
     _check_mesh_size(args)  # cheap: before the tokenizer's work
-    out, created = _check_out(args)
+    out, created, note, to_clear = _check_out(args)
     try:
         model_dir, hf_config, model_config = _check_model(args)
         tokenizer_dir, tokenizer = _check_tokenizer(args, model_dir)
@@ -332,6 +330,7 @@ def prepare(args: argparse.Namespace) -> Plan:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if still empty
         raise
+
     return Plan(
         args=args,
         out=out,
@@ -348,4 +347,6 @@ def prepare(args: argparse.Namespace) -> Plan:
         mesh=mesh,
         merged_dtype=_merged_dtype(args, model_dir),
         export_peft=export_peft,
+        out_note=note,
+        out_clear=to_clear,
     )
