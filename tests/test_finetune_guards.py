@@ -184,7 +184,7 @@ def test_mesh_is_checked_before_the_tokenizer_loads(base, tmp_path, capsys, monk
     def no_tokenizer(*args, **kwargs):
         raise AssertionError("the tokenizer was loaded before --mesh was checked")
 
-    monkeypatch.setattr(data, "load_tokenizer", no_tokenizer)
+    monkeypatch.setattr(rslora_jax.hf, "load_tokenizer", no_tokenizer)
     monkeypatch.setattr(command, "train", _must_not_train)
     assert ft.main(_args(base, tmp_path / "out", "--mesh", "data=3")) == ft.EXIT_USAGE
     assert "--mesh 'data=3' has 3 devices, but JAX sees 8" in capsys.readouterr().err
