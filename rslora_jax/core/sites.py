@@ -12,9 +12,11 @@ axes, not an embedding) unadapted warns with the list.
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -83,6 +85,48 @@ def _unknown_use_message(config: LoraConfig, refs: list[tuple[WeightRef, Any]]) 
     )
 
 
+def check_listed_targets(config: LoraConfig, paths: Sequence[str], where: str = "") -> None:
+    """Refuses a listed target name that matches none of `paths` (a typo such as ``v_projj``).
+
+    Only a list of names (PEFT's ``target_modules`` list rule) is checked: each name must match
+    the end of at least one kernel path. A regex or a callable may rightly match nothing in a
+    given tree.
+
+    Args:
+      config: the config.
+      paths: every kernel path of the tree (targeted or not).
+      where: what is checked, for the message (e.g. ``" of the NNX model"``).
+
+    Raises:
+      ValueError: naming the unmatched names and the module names there are (closest first).
+
+    Example:
+      >>> check_listed_targets(LoraConfig(targets=["q_proj", "v_projj"]), ["l/q_proj", "l/v_proj"])
+      Traceback (most recent call last):
+      ...
+      ValueError: LoraConfig(targets=('q_proj', 'v_projj')): 'v_projj' matches no kernel (did you mean 'v_proj'?). Module names: 'q_proj', 'v_proj'
+    """
+    targets = config.targets
+    if isinstance(targets, str) or callable(targets):
+        return
+    unmatched = [
+        name for name in targets if not any(p == name or p.endswith("/" + name) for p in paths)
+    ]
+    if not unmatched:
+        return
+    names = sorted({p.rsplit("/", 1)[-1] for p in paths})
+    problems = []
+    for name in unmatched:
+        close = difflib.get_close_matches(name.rsplit("/", 1)[-1], names, n=1, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        problems.append(f"{name!r} matches no kernel{where}{hint}")
+    shown = ", ".join(repr(n) for n in names[:40]) + (" ..." if len(names) > 40 else "")
+    raise ValueError(
+        f"LoraConfig(targets={targets!r}): {'; '.join(problems)}. Module names: "
+        f"{shown or 'none: the tree holds no kernel'}"
+    )
+
+
 def target_sites(params: PyTree, config: LoraConfig) -> list[Site]:
     """The sites `config` adapts in `params`, in tree order.
 
@@ -91,8 +135,9 @@ def target_sites(params: PyTree, config: LoraConfig) -> list[Site]:
 
     Raises:
       ValueError: if nothing matches (the message lists candidate paths, and weights of other
-        names whose use is unknown), if a target names a weight whose use is unknown, if a
-        target already has adapters, or if a target's kernel axes or rank do not fit its kernel.
+        names whose use is unknown), if a listed target name matches no kernel
+        (`check_listed_targets`), if a target names a weight whose use is unknown, if a target
+        already has adapters, or if a target's kernel axes or rank do not fit its kernel.
 
     Warns:
       UserWarning: ``targets="all-linear"`` leaves weights of two or more axes that are not
@@ -146,6 +191,7 @@ def target_sites(params: PyTree, config: LoraConfig) -> list[Site]:
             UserWarning,
             stacklevel=3,
         )
+    check_listed_targets(config, [r.path for r, _ in candidates] + [r.path for r, _ in unknown])
     sites = []
     for ref, holder in chosen:
         path = ref.path
@@ -175,6 +221,7 @@ def path_key(key: PRNGKey, path: str) -> PRNGKey:
 
 
 __all__ = [
+    "check_listed_targets",
     "declared",
     "declared_axes",
     "layout_for",

@@ -86,6 +86,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rslora_jax._types import PRNGKey, PyTree
 from rslora_jax.core.config import ALL_LINEAR, OUTPUT_LAYER_NAMES, LoraConfig
 from rslora_jax.core.protocol import shared_key_owner
+from rslora_jax.core.sites import check_listed_targets
 from rslora_jax.core.tree import KERNEL, get, is_adapter_key, iter_weights, set_in
 from rslora_jax.execution.dispatch import Contraction, adapted, fuses
 from rslora_jax.execution.lowrank import einsum_roles
@@ -690,6 +691,8 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
             UserWarning,
             stacklevel=3,
         )
+    paths = [_join(p) for p, _ in modules] + [p for p, _, _ in others]
+    check_listed_targets(config, paths, " of the NNX model")
     method = config.method
     if method.shared_key is not None:
         stacked = [p for p, (_, m, roles) in plan.items() if len(roles) > len(_local_roles(m, p))]
