@@ -68,8 +68,8 @@ from rslora_jax.core.tree import KERNEL, has_shape, is_adapter_key, join_path
 
 FULL = "lora_full"
 TOKENS = "lora_tokens"
-EMBEDDING_A = "lora_embedding_a"
-EMBEDDING_B = "lora_embedding_b"
+EMBEDDING_A = "lora_embedding_a"  # both in rslora_jax.core.tree.LOOKUP_LEAVES: they do not
+EMBEDDING_B = "lora_embedding_b"  # make the table an adapted weight of the method machinery
 BIAS = "lora_bias"
 EMBEDDING = "embedding"
 BIAS_LEAF = "bias"
@@ -292,7 +292,8 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
                     f"{config.method.title}: remove it from LoraConfig.targets"
                 )
             embeddings.append(EmbeddingSite(path, keys, vocab, dim, rank, config.scale_for(path)))
-    sites = tuple(target_sites(params, config, allow_empty=bool(embeddings)))
+    skip = frozenset(e.path for e in embeddings)
+    sites = tuple(target_sites(params, config, allow_empty=bool(embeddings), skip=skip))
     all_modules = [(join_path(k), k, d) for k, d in modules(params)]
 
     saved: list[Module] = []
@@ -352,12 +353,21 @@ def plan(params: PyTree, config: LoraConfig) -> Plan:
         if config.bias == "all":
             candidates = [(p, k) for p, k, d in all_modules if has_shape(d.get(BIAS_LEAF))]
         else:
-            candidates = [
-                (s.path, s.keys) for s in sites if has_shape(_get(params, s.keys).get(BIAS_LEAF))
+            candidates = [  # a weight that shares its dict with others has no bias of its own
+                (s.path, s.keys)
+                for s in sites
+                if join_path(s.keys) == s.path and has_shape(_get(params, s.keys).get(BIAS_LEAF))
             ]
         for p, k in candidates:
             if not any(_inside(p, m.path) for m in saved):
                 biases.append(Module(p, tuple(k)))
+    if config.lora_bias:
+        for s in sites:
+            if join_path(s.keys) != s.path:
+                raise ValueError(
+                    f"LoraConfig.lora_bias=True: the weight {s.path!r} shares its dict with other "
+                    "weights, so it has no bias of its own to add a bias on B to"
+                )
     return Plan(
         sites, tuple(saved), tuple(biases), tuple(tokens), tuple(embeddings), config.lora_bias
     )

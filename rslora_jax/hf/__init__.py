@@ -10,7 +10,7 @@ The model side (config class, parameters, module names) comes from the family re
 transformers (and torch) are imported lazily inside the functions that need them.
 """
 
-from rslora_jax.hf.checkpoint import load_config, load_pretrained, save_pretrained
+from rslora_jax.hf.checkpoint import check_pretrained, load_config, load_pretrained, save_pretrained
 from rslora_jax.hf.io import load_tokenizer
 from rslora_jax.hf.peft import PeftFormatWarning, export_peft, import_peft
 from rslora_jax.hf.vocab import add_tokens, resize_vocab
@@ -19,6 +19,7 @@ from rslora_jax.models.families import flax_module_path, hf_module_name
 __all__ = [
     "PeftFormatWarning",
     "add_tokens",
+    "check_pretrained",
     "export_peft",
     "flax_module_path",
     "hf_module_name",

@@ -48,6 +48,7 @@ from rslora_jax.models.families import (
     flax_module_path,
     hf_module_name,
 )
+from rslora_jax.ops.finite import NonFiniteError, nonfinite_paths
 from rslora_jax.ops.quantize import check_plain
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -114,8 +115,10 @@ def load_config(directory: str | os.PathLike[str]) -> Any:
         The transformers config object.
 
     Raises:
-        ValueError: if there is no config.json, it is not a JSON object, or no model family
-            (:data:`rslora_jax.models.families.FAMILIES`) serves its ``model_type``.
+        ValueError: naming the file: there is no config.json, it is not a JSON object, no
+            model family (:data:`rslora_jax.models.families.FAMILIES`) serves its
+            ``model_type``, a size field (``hidden_size``, ``num_attention_heads``, ...) is not a
+            positive integer, or transformers cannot read it.
 
     Example:
         >>> import tempfile
@@ -130,15 +133,61 @@ def load_config(directory: str | os.PathLike[str]) -> Any:
     _files.recover_directory(path)
     if not (path / CONFIG_NAME).is_file():
         raise ValueError(f"load_config: {str(path)!r} has no {CONFIG_NAME}")
-    model_type = hf_io.read_json(path / CONFIG_NAME, "load_config").get("model_type")
+    raw = hf_io.read_json(path / CONFIG_NAME, "load_config")
+    model_type = raw.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(
             f"load_config: {str(path / CONFIG_NAME)!r} has model_type={model_type!r}; "
             f"supported: {tuple(FAMILIES)}"
         )
+    _check_sizes(raw, path / CONFIG_NAME)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as err:  # transformers' errors vary (ValueError, TypeError, ...)
+        raise ValueError(
+            f"load_config: transformers cannot read {str(path / CONFIG_NAME)!r}: "
+            f"{type(err).__name__}: {err}"
+        ) from None
+
+
+#: config.json fields that must be positive integers where present (a zero one divides by zero
+#: inside transformers or gives empty tensors).
+_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+
+
+def _check_sizes(raw: dict[str, Any], file: Path) -> None:
+    """The size fields of a raw config.json: positive integers, heads a multiple of kv heads."""
+    for field in _SIZE_FIELDS:
+        value = raw.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"load_config: {str(file)!r} has {field}={value!r}; expected a positive integer"
+            )
+    heads, kv = raw.get("num_attention_heads"), raw.get("num_key_value_heads")
+    if heads is not None and kv is not None and heads % kv:
+        raise ValueError(
+            f"load_config: {str(file)!r} has num_attention_heads={heads}, which is not a "
+            f"multiple of num_key_value_heads={kv}"
+        )
+    if heads is not None and raw.get("head_dim") is None and raw.get("hidden_size") is not None:
+        if raw["hidden_size"] % heads:
+            raise ValueError(
+                f"load_config: {str(file)!r} has hidden_size={raw['hidden_size']}, which is not "
+                f"a multiple of num_attention_heads={heads} (and no head_dim)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +241,10 @@ def _check_names(
     missing = sorted(set(expected) - present, key=_natural_key)
     unexpected = sorted(present - set(expected) - ignored, key=_natural_key)
     if missing or unexpected:
-        msg = [f"checkpoint {str(directory)!r} does not match its {config.model_type} config:"]
+        msg = [
+            f"the weights in {str(directory)!r} do not match its {CONFIG_NAME} "
+            f"({config.model_type}, num_hidden_layers={getattr(config, 'num_hidden_layers', None)}):"
+        ]
         if missing:
             msg.append(f"missing tensors ({len(missing)}): {missing[:10]}")
         if unexpected:
@@ -202,13 +254,82 @@ def _check_names(
         if reader.shape[name] != shape:
             raise ValueError(
                 f"tensor {name!r} in {str(reader.files[name])!r} has shape "
-                f"{reader.shape[name]}, expected {shape} from the config"
+                f"{reader.shape[name]}, expected {shape} from "
+                f"{str(directory / CONFIG_NAME)!r}"
             )
         if reader.dtype[name] not in hf_io.ST_DTYPES:
             raise ValueError(
                 f"tensor {name!r} has dtype {reader.dtype[name]}; expected one of "
                 f"{sorted(hf_io.ST_DTYPES)}"
             )
+
+
+def _our_config(fam: ModelFamily, hf_config: Any, path: Path, **kwargs: Any) -> Any:
+    """The family's config from a transformers config; errors name the config file."""
+    try:
+        return fam.from_hf(hf_config, **kwargs)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as err:
+        raise ValueError(f"{str(path / CONFIG_NAME)!r}: {err}") from None
+
+
+def _expected(
+    fam: ModelFamily, config: Any, scan_layers: bool
+) -> tuple[Params, dict[tuple[str, ...], list[tuple[str, bool]]], dict[str, tuple[int, ...]]]:
+    """(abstract params, HF names per leaf, HF tensor name -> shape) that `config` calls for."""
+    abstract = fam.abstract_params(config)
+    specs = _leaf_specs(fam, abstract, scanned=scan_layers)
+    expected: dict[str, tuple[int, ...]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        keys = _path_keys(path)
+        shape = leaf.shape[1:] if fam.is_stacked(keys, scan_layers) else leaf.shape
+        for name, transposed in specs[keys]:
+            expected[name] = tuple(reversed(shape)) if transposed else tuple(shape)
+    return abstract, specs, expected
+
+
+def check_pretrained(directory: str | os.PathLike[str]) -> Any:
+    """Checks a Hugging Face checkpoint directory without reading any tensor.
+
+    Everything `load_pretrained` refuses that the files' metadata show: config.json (readable,
+    a supported ``model_type``, positive sizes, a model the family can build), the shard index
+    (file names inside the directory, the files present), every weight file's header against
+    its size (empty, truncated, damaged), and every tensor's name, shape and dtype against the
+    config. A command calls it before it creates anything.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        The transformers config (as `load_config` returns it).
+
+    Raises:
+        ValueError: naming the file (and the tensor) at fault.
+
+    Example:
+        >>> import tempfile
+        >>> from rslora_jax.models import LlamaConfig, init_params
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> cfg = LlamaConfig.tiny()
+        >>> save_pretrained(tmp.name, init_params(cfg, jax.random.key(0)), cfg)
+        >>> check_pretrained(tmp.name).model_type
+        'llama'
+        >>> file = Path(tmp.name) / CONFIG_NAME
+        >>> _ = file.write_text(file.read_text().replace('"intermediate_size": 48', '"intermediate_size": 40'))
+        >>> check_pretrained(tmp.name)
+        Traceback (most recent call last):
+        ...
+        ValueError: tensor 'model.layers.0.mlp.down_proj.weight' in '.../model.safetensors' has shape (32, 48), expected (32, 40) from '.../config.json'
+        >>> tmp.cleanup()
+    """
+    path = Path(directory)
+    hf_config = load_config(path)
+    fam = family(hf_config.model_type, "check_pretrained")
+    config = _our_config(fam, hf_config, path, scan_layers=True)
+    _, _, expected = _expected(fam, config, scan_layers=True)
+    with contextlib.ExitStack() as stack:
+        reader = hf_io.TensorReader(_weight_files(path), stack)
+        _check_names(reader, expected, fam, config, path)
+    return hf_config
 
 
 def _leaf_callback(
@@ -220,7 +341,18 @@ def _leaf_callback(
     def read_one(name: str, transposed: bool, index: tuple[slice, ...]) -> np.ndarray:
         hf_index = tuple(reversed(index)) if transposed else index
         x = reader.read(name, hf_index)
-        return np.ascontiguousarray(x.T if transposed else x, dtype=dtype)
+        x = np.ascontiguousarray(x.T if transposed else x, dtype=dtype)
+        if not np.isfinite(x).all():
+            raise ValueError(
+                f"tensor {name!r} in {str(reader.files[name])!r} holds NaN or Inf values"
+                + (
+                    f" once cast to {dtype}"
+                    if np.isfinite(reader.read(name, hf_index)).all()
+                    else ""
+                )
+                + ": the weights are damaged (or overflow the param_dtype)"
+            )
+        return x
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(index)
@@ -271,8 +403,10 @@ def load_pretrained(
         Llama family) and the params.
 
     Raises:
-        ValueError: unsupported model type, pickle-only directory, missing or unexpected
-            tensors, shape mismatches, or shardings that do not match the params.
+        ValueError: unsupported model type, pickle-only directory, damaged weight files,
+            missing or unexpected tensors, shape mismatches (all found before any tensor is
+            read, see `check_pretrained`), a tensor holding NaN or Inf values, or shardings
+            that do not match the params.
 
     Example:
         >>> import tempfile
@@ -289,25 +423,19 @@ def load_pretrained(
     hf_config = load_config(path)
     fam = family(hf_config.model_type, "load_pretrained")
     param_dtype = jnp.dtype(param_dtype)
-    config = fam.from_hf(
+    config = _our_config(
+        fam,
         hf_config,
+        path,
         dtype=param_dtype if dtype is None else dtype,
         param_dtype=param_dtype,
         scan_layers=scan_layers,
         **runtime,
     )
-    abstract = fam.abstract_params(config)
-    specs = _leaf_specs(fam, abstract, scanned=scan_layers)
+    abstract, specs, expected = _expected(fam, config, scan_layers)
     abstract_leaves = {
         _path_keys(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
     }
-    expected: dict[str, tuple[int, ...]] = {}
-    for keys, names in specs.items():
-        shape = abstract_leaves[keys].shape
-        if fam.is_stacked(keys, scan_layers):
-            shape = shape[1:]
-        for name, transposed in names:
-            expected[name] = tuple(reversed(shape)) if transposed else tuple(shape)
 
     treedef = jax.tree.structure(abstract)
     if shardings is None:
@@ -398,6 +526,7 @@ def save_pretrained(
     *,
     max_shard_size: int | str = "2GB",
     dtype: Any = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
     """Writes plain (merged) params as a Hugging Face checkpoint directory.
 
@@ -422,11 +551,13 @@ def save_pretrained(
         max_shard_size: largest shard in bytes, or a string like ``"2GB"`` (10^9) or
             ``"500MiB"`` (2^20). A tensor larger than this gets a shard of its own.
         dtype: dtype to store; None keeps each array's dtype.
+        extra: called with the staging directory to write more files (a tokenizer) that
+            appear together with the weights, in the same swap.
 
     Raises:
-        ValueError: adapter leaves, params that do not match the config, a bad shard size,
-            a target file name that is a symbolic link, or a ``directory`` that is a file or
-            the current working directory.
+        ValueError: adapter leaves, params that do not match the config, values that are NaN
+            or Inf (or overflow `dtype`), a bad shard size, a target file name that is a
+            symbolic link, or a ``directory`` that is a file or the current working directory.
 
     Example:
         >>> import tempfile
@@ -478,6 +609,15 @@ def save_pretrained(
             raise ValueError(
                 f"save_pretrained: {'/'.join(keys)!r} has dtype {leaf_dtype}; pass dtype="
             )
+
+    bad, after = nonfinite_paths(params), ""
+    if not bad and out_dtype is not None:
+        bad, after = nonfinite_paths(params, out_dtype), f" once cast to {out_dtype}"
+    if bad:
+        raise NonFiniteError(
+            f"save_pretrained: the params hold NaN or Inf values{after} at {len(bad)} "
+            f"leaf(s): {bad[:10]}; refusing to write {str(directory)!r}"
+        )
 
     # One entry per HF tensor: name -> (getter, nbytes).
     specs = _leaf_specs(fam, abstract, scanned)
@@ -549,9 +689,12 @@ def save_pretrained(
                 f.write("\n")
         with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
             f.write(config_json)
+        if extra is not None:
+            extra(staging)
 
 
 __all__ = [
+    "check_pretrained",
     "flax_module_path",
     "hf_module_name",
     "load_config",

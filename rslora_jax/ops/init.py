@@ -9,7 +9,6 @@ computes both factors from each kernel and changes the kernel to ``W - gamma * A
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -19,7 +18,14 @@ from rslora_jax._types import PRNGKey, PyTree
 from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.sites import path_key
-from rslora_jax.core.tree import KERNEL, combine, get, join_path, merge_disjoint, set_in
+from rslora_jax.core.tree import (
+    KERNEL,
+    combine,
+    iter_weights,
+    merge_disjoint,
+    replace_weights,
+    set_in,
+)
 from rslora_jax.execution.quant import is_quantized
 from rslora_jax.ops.extras import init_extras
 from rslora_jax.ops.quantize import dequantize
@@ -167,8 +173,9 @@ def principal_init(params: PyTree, config: LoraConfig, key: PRNGKey) -> tuple[Py
     plan = ex.plan(params, config)
     sites = list(plan.sites)
     kernels = {}
+    weights = {ref.path: holder[KERNEL] for ref, holder in iter_weights(params)}
     for site in sites:
-        kernel = get(params, site.keys)[KERNEL]
+        kernel = weights[site.path]
         if is_quantized(kernel):
             raise ValueError(
                 f"LoraConfig.init={config.init.spec!r} changes the base kernels to "
@@ -200,17 +207,7 @@ def principal_init(params: PyTree, config: LoraConfig, key: PRNGKey) -> tuple[Py
     adapters, new_kernels = jax.jit(run)(kernels, key)
     if plan.any:
         adapters = merge_disjoint(adapters, init_extras(params, config, key, plan))
-    return adapters, _replace_kernels(params, new_kernels, ())
-
-
-def _replace_kernels(tree: Any, kernels: dict[str, jax.Array], prefix: tuple) -> Any:
-    if not isinstance(tree, Mapping):
-        return tree
-    out = {key: _replace_kernels(val, kernels, (*prefix, key)) for key, val in tree.items()}
-    path = join_path(prefix)
-    if KERNEL in tree and path in kernels:
-        out[KERNEL] = kernels[path]
-    return out
+    return adapters, replace_weights(params, new_kernels)
 
 
 __all__ = ["init", "init_adapters", "principal_init"]

@@ -28,7 +28,17 @@ from rslora_jax.core import extras as ex
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.protocol import leaf_role
 from rslora_jax.core.sites import layout_for
-from rslora_jax.core.tree import KERNEL, global_entries, is_adapted, is_adapter_key, join_path
+from rslora_jax.core.tree import (
+    KERNEL,
+    WeightRef,
+    adapted_refs,
+    global_entries,
+    holder_view,
+    is_adapter_key,
+    join_path,
+    sub_key,
+    weight_refs,
+)
 
 
 def _default_config() -> LoraConfig:
@@ -144,6 +154,8 @@ def _specs(
         raise ValueError(
             f"base_specs at {join_path(prefix)!r} is {specs!r}, but params hold a dict there"
         )
+    refs = adapted_refs(tree, prefix)
+    subs = {sub_key(r.name) for r in refs if not r.own}
     out: dict[Any, Any] = {}
     for key, val in tree.items():
         if is_adapter_key(key):
@@ -152,32 +164,16 @@ def _specs(
             raise ValueError(f"base_specs has no entry for {join_path((*prefix, key))!r}")
         out[key] = _specs(val, specs[key], config, (*prefix, key), members, meshes)
     out.update(_extra_specs(tree, specs, config, prefix))
-    if is_adapted(tree):
-        path = join_path(prefix)
-        kernel_spec = specs[KERNEL]
-        mesh = None
-        if isinstance(kernel_spec, NamedSharding):
-            mesh, kernel_spec = kernel_spec.mesh, kernel_spec.spec
-            meshes.append(mesh)
-        if kernel_spec is None:
-            kernel_spec = PartitionSpec()
-        axes = layout_for(config, path, tree[KERNEL]).axes
-        _, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
-        members[path] = (in_spec, out_spec)
+    for ref in refs:
+        holder = holder_view(tree, ref)
+        leaves = _leaf_specs(holder, specs[ref.name], config, ref, members, meshes)
+        if ref.own:
+            out.update(leaves)
+        else:
+            out[sub_key(ref.name)] = leaves
+    if prefix and not any(r.own for r in refs):
         for key in tree:
-            if not is_adapter_key(key) or key in out:
-                continue
-            role = leaf_role(key)
-            if role is None:
-                raise ValueError(
-                    f"no sharding rule for adapter leaf {join_path((*prefix, key))!r}; "
-                    "give its spec explicitly"
-                )
-            spec = leaf_spec(role.layout, kernel_spec, axes)
-            out[key] = NamedSharding(mesh, spec) if mesh is not None else spec
-    elif prefix:
-        for key in tree:
-            if is_adapter_key(key) and key not in out:
+            if is_adapter_key(key) and key not in subs and key not in out:
                 raise ValueError(
                     f"no sharding rule for adapter leaf {join_path((*prefix, key))!r}; "
                     "give its spec explicitly"
@@ -228,10 +224,45 @@ def _extra_specs(tree: Mapping, specs: Mapping, config: LoraConfig, prefix: tupl
         mesh, spec = _spec_of(specs.get(ex.EMBEDDING))
         for key in (ex.EMBEDDING_A, ex.EMBEDDING_B):
             out[key] = _on(mesh, leaf_spec(ex.ROLES[key].layout, spec, "io"))
-    if ex.BIAS in tree and KERNEL in tree:
-        mesh, spec = _spec_of(specs.get(KERNEL))
-        axes = layout_for(config, path, tree[KERNEL]).axes
+    own = next((r for r in weight_refs(tree, prefix) if r.own), None)
+    if ex.BIAS in tree and own is not None:  # next to the weight it belongs to
+        mesh, spec = _spec_of(specs.get(own.name))
+        axes = layout_for(config, own.path, tree[own.name]).axes
         out[ex.BIAS] = _on(mesh, leaf_spec("out", spec, axes))
+    return out
+
+
+def _leaf_specs(
+    holder: Mapping[str, Any],
+    kernel_spec: Any,
+    config: LoraConfig,
+    ref: WeightRef,
+    members: dict,
+    meshes: list,
+) -> dict[str, Any]:
+    """Specs of one weight's adapter leaves, from the weight's spec and layout."""
+    path = ref.path
+    mesh = None
+    if isinstance(kernel_spec, NamedSharding):
+        mesh, kernel_spec = kernel_spec.mesh, kernel_spec.spec
+        meshes.append(mesh)
+    if kernel_spec is None:
+        kernel_spec = PartitionSpec()
+    axes = layout_for(config, path, holder[KERNEL]).axes
+    _, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
+    members[path] = (in_spec, out_spec)
+    out = {}
+    for key in holder:
+        if not is_adapter_key(key) or key in ex.KEYS:  # the extras: _extra_specs
+            continue
+        role = leaf_role(key)
+        if role is None:
+            raise ValueError(
+                f"no sharding rule for adapter leaf {join_path((*ref.leaf_keys, key))!r}; "
+                "give its spec explicitly"
+            )
+        spec = leaf_spec(role.layout, kernel_spec, axes)
+        out[key] = NamedSharding(mesh, spec) if mesh is not None else spec
     return out
 
 

@@ -34,8 +34,13 @@ Batches are a function of (seed, step) (`rslora_jax.data.batch_iterator`) and th
 ``fold_in(key, step)``, so ``--resume`` continues an interrupted run exactly where it stopped:
 on CPU the adapters after resuming are bit-identical to those of an uninterrupted run. Ctrl-C
 finishes the current step, saves a checkpoint and exits with status 130 (a second Ctrl-C aborts
-at once). Every input is checked before any weight is read or anything is compiled; a bad one
-stops the command with exit status 2 and a message that says what to fix.
+at once). Every input is checked before any weight is read or anything is compiled (the model
+files too: every safetensors header and tensor shape against config.json); a bad one stops the
+command with exit status 2 and a message that says what to fix. A run that cannot go on (a
+non-finite loss or gradient, a full disk, a damaged checkpoint that nothing older replaces)
+stops with exit status 2 and a message naming the last good checkpoint; a Ctrl-C outside the
+step loop says what was kept (status 130). ``--out`` is never one of the inputs, and what it
+holds that this command did not write is replaced only with ``--overwrite``.
 
 Several processes (hosts) run one job under JAX's distributed runtime: start the same command in
 every process with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or
@@ -54,6 +59,7 @@ The command's stages, one module each::
     config_file ``--config run.yaml``: a file's flags as command-line tokens
     runtime     joining jax.distributed, agreeing across processes
     plan        every input checked before any weight is read -> `Plan`
+    guards      what --out may hold, restarting, failures as one line (full disk, NaN, Ctrl-C)
     dataset     ``--data`` -> records -> answer-masked examples -> packed rows
     adapters    the LoraConfig of the flags; ``--layers`` on scanned layers
     layout      shardings of base, adapters and batches; this process's rows of a batch

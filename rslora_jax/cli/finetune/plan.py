@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 import rslora_jax as rl
 from rslora_jax._types import PyTree
 from rslora_jax.cli.common import DTYPES, UsageError, parse_mesh
+from rslora_jax.cli.finetune import guards
 from rslora_jax.cli.finetune.adapters import (
     LayerSelection,
     adapted_paths,
@@ -60,27 +61,25 @@ class Plan:
     run_data: RunData | None = None
     layers: LayerSelection | None = None
     trackers: tuple[str, ...] = ()
+    out_note: str | None = None  # what --out held and what happens to it (`guards.check_out`)
+    out_clear: list[str] = dataclasses.field(default_factory=list)  # removed before training
     #: --train-tokens: the checkpoint's vocabulary size before the new rows (None: unchanged),
     #: and the ids of the new tokens.
     vocab_from: int | None = None
     token_ids: tuple[int, ...] = ()
 
 
-def _check_out(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The output directory, created and probed for writing; and whether it was created."""
+def _check_out(args: argparse.Namespace) -> tuple[Path, bool, str | None, list[str]]:
+    """The output directory, created and probed for writing; whether it was created; and what
+    `rslora_jax.cli.finetune.guards.check_out` says of what it holds (a note, what to clear
+    once every check has passed)."""
     out = args.out if args.out is not None else RUNS_DIR / time.strftime("rslora-%Y%m%d-%H%M%S")
     out = out.expanduser().absolute()
-    if args.resume:
-        if not checkpoint_steps(out / "checkpoints"):
-            raise UsageError(
-                f"--resume: no checkpoint under {str(out / 'checkpoints')!r}; the run was "
-                "interrupted before its first checkpoint: start it again without --resume"
-            )
-    elif (out / "run.json").exists() or (out / "checkpoints").exists():
-        raise UsageError(
-            f"--out {str(out)!r} already holds a fine-tuning run: pass --resume to continue it, "
-            "or choose another --out"
-        )
+    model = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
+    inputs = {"--model": model}
+    if args.tokenizer is not None:
+        inputs["--tokenizer"] = args.tokenizer.expanduser().absolute()
+    note, to_clear = guards.check_out(args, out, inputs)
     existed = out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +90,7 @@ def _check_out(args: argparse.Namespace) -> tuple[Path, bool]:
             f"--out {str(out)!r}: cannot write there ({err.strerror or err}); choose a writable "
             "directory"
         ) from None
-    return out, not existed
+    return out, not existed, note, to_clear
 
 
 def checkpoint_steps(directory: Path) -> list[int]:
@@ -107,7 +106,7 @@ def checkpoint_steps(directory: Path) -> list[int]:
 
 
 def _check_model(args: argparse.Namespace) -> tuple[Path, Any, LlamaConfig]:
-    from rslora_jax.hf import load_config
+    from rslora_jax.hf import check_pretrained, load_config
 
     model_dir = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
     what = f"--model {str(model_dir)!r}"
@@ -139,6 +138,10 @@ def _check_model(args: argparse.Namespace) -> tuple[Path, Any, LlamaConfig]:
             else ""
         )
         raise UsageError(f"{what}: no model.safetensors or model.safetensors.index.json{hint}")
+    try:  # every header and the index against the config, before anything is created
+        check_pretrained(model_dir)
+    except ValueError as err:
+        raise UsageError(f"{what}: {err}") from None
     return model_dir, hf_config, model_config
 
 
@@ -238,6 +241,18 @@ def _check_lora(
     return config, abstract
 
 
+def _check_mesh_size(args: argparse.Namespace) -> None:
+    """``--mesh``'s syntax and size against the devices JAX sees (the rest: `_check_mesh`)."""
+    axes = parse_mesh(args.mesh)
+    if axes and math.prod(axes.values()) != jax.device_count():
+        across = f" across {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        raise UsageError(
+            f"--mesh {args.mesh!r} has {math.prod(axes.values())} devices, but JAX sees "
+            f"{jax.device_count()}{across} ({jax.devices()[0].platform}); make the axis sizes "
+            f"multiply to {jax.device_count()}"
+        )
+
+
 def _check_mesh(
     args: argparse.Namespace, abstract_base: PyTree, abstract_adapters: PyTree, lora_config: Any
 ) -> Mesh:
@@ -329,7 +344,8 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise UsageError(
             f"--warmup-steps {args.warmup_steps} must be smaller than --steps {args.steps}"
         )
-    out, created = _check_out(args)
+    _check_mesh_size(args)  # cheap: before the tokenizer's work
+    out, created, note, to_clear = _check_out(args)
     try:
         model_dir, hf_config, model_config = _check_model(args)
         tokenizer_dir, tokenizer = _check_tokenizer(args, model_dir)
@@ -353,11 +369,12 @@ def prepare(args: argparse.Namespace) -> Plan:
         )
         _check_quantize(args, abstract_base, config)
         mesh = _check_mesh(args, abstract_base, abstract_adapters, config)
-    except UsageError:
+    except (UsageError, KeyboardInterrupt):
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if still empty
         raise
+
     return Plan(
         args=args,
         out=out,
@@ -379,4 +396,6 @@ def prepare(args: argparse.Namespace) -> Plan:
         trackers=trackers,
         vocab_from=vocab_from,
         token_ids=token_ids,
+        out_note=note,
+        out_clear=to_clear,
     )

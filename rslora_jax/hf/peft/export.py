@@ -18,6 +18,7 @@ from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.tree import (
     KERNEL,
     adapted_holders,
+    adapter_leaves,
     is_adapter_key,
 )
 from rslora_jax.hf import _peft_rules as rules
@@ -25,17 +26,20 @@ from rslora_jax.hf import io as hf_io
 from rslora_jax.hf.peft._format import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    LAYOUT_KEY,
     PEFT_FORMAT_VERSION,
     PEFT_PREFIX,
     PEFT_TASK_TYPES,
     base_modules,
     known_leaf_names,
+    layout_record,
     leaves_for,
     method_to_peft,
     refuse_without_peft_format,
 )
 from rslora_jax.hf.peft.extras import export_extras, with_embeddings
 from rslora_jax.models.families import LinearModule, family_of
+from rslora_jax.ops.finite import NonFiniteError, nonfinite_paths
 
 
 # ---------------------------------------------------------------------------- export
@@ -89,10 +93,14 @@ def export_peft(
       task_type: PEFT's ``task_type`` (``"CAUSAL_LM"`` or None).
       dtype: dtype of the stored tensors; None keeps the adapters' dtype.
 
+    The safetensors file records the factors' orientation (metadata ``rslora_jax.layout``), so
+    `import_peft` can trust a full-rank square adapter whose shapes cannot show it.
+
     Raises:
       ValueError: RaSA adapters (not a PEFT format), adapter leaves without a PEFT counterpart,
-        factors whose shapes or ranks do not fit their kernel and `lora_config`, params that do
-        not match `model_config`, a bad `dtype` or `task_type`, or a symbolic link at a target.
+        factors whose shapes or ranks do not fit their kernel and `lora_config`, factors
+        holding NaN or Inf (naming them; also once cast to `dtype`), params that do not match
+        `model_config`, a bad `dtype` or `task_type`, or a symbolic link at a target.
 
     Example:
       >>> import tempfile, jax
@@ -130,6 +138,16 @@ def export_peft(
     if not holders and not extra.embeddings:
         raise ValueError(f"{where}: params hold no adapters (no kernel with adapter leaves)")
     specs = leaves_for(lora_config)
+
+    adapters = {path: adapter_leaves(holder) for path, holder in holders}
+    bad, after = nonfinite_paths(adapters), ""
+    if not bad and out_dtype is not None:
+        bad, after = nonfinite_paths(adapters, out_dtype), f" once cast to {out_dtype}"
+    if bad:
+        raise NonFiniteError(
+            f"{where}: the adapters hold NaN or Inf values{after} at {len(bad)} leaf(s): "
+            f"{bad[:10]}; refusing to write {str(directory)!r}"
+        )
 
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -240,7 +258,9 @@ def export_peft(
         for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
             _files.check_target(real_dir, name, where)
     with _files.staged_directory(directory, who=where) as staging:
-        hf_io.write_safetensors(staging / ADAPTER_WEIGHTS_NAME, tensors)
+        hf_io.write_safetensors(
+            staging / ADAPTER_WEIGHTS_NAME, tensors, metadata={LAYOUT_KEY: layout_record(specs)}
+        )
         (staging / ADAPTER_CONFIG_NAME).write_text(text, encoding="utf-8")
 
 
