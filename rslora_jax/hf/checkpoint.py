@@ -30,7 +30,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,20 @@ _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bi
 # Name mapping
 
 
+class _Slot(NamedTuple):
+    """Where one of our arrays (one layer of a stacked leaf) lives in the checkpoint.
+
+    ``offset``/``size``: the rows (HF's output axis 0) of a fused tensor that hold it (Phi-3's
+    ``qkv_proj``: q, k, v), or None for a whole tensor; ``total``: the fused tensor's rows.
+    """
+
+    name: str
+    transposed: bool
+    offset: int | None = None
+    size: int | None = None
+    total: int | None = None
+
+
 def _hf_tensor_name(
     fam: ModelFamily, leaf_path: tuple[str, ...], layer: int | None
 ) -> tuple[str, bool]:
@@ -71,7 +85,11 @@ def _hf_tensor_name(
             f"parameter {'/'.join(leaf_path)!r} has no Hugging Face counterpart "
             f"(leaf {leaf!r}; expected one of {sorted(_LEAF_TO_HF)})"
         )
-    name = fam.hf_module_name("/".join(module), layer)
+    path = "/".join(module)
+    fused = fam.fused_path(path)
+    if fused is not None:
+        path = fused[1]
+    name = fam.hf_module_name(path, layer)
     return f"{name}.{_LEAF_TO_HF[leaf]}", leaf == "kernel"
 
 
@@ -81,16 +99,32 @@ def _path_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
 
 def _leaf_specs(
     fam: ModelFamily, abstract: Params, scanned: bool
-) -> dict[tuple[str, ...], list[tuple[str, bool]]]:
-    """For each leaf of an (abstract) tree: its HF tensor names (one per stacked layer)."""
-    specs: dict[tuple[str, ...], list[tuple[str, bool]]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        keys = _path_keys(path)
-        if fam.is_stacked(keys, scanned):
-            specs[keys] = [_hf_tensor_name(fam, keys, i) for i in range(leaf.shape[0])]
-        else:
-            specs[keys] = [_hf_tensor_name(fam, keys, None)]
+) -> dict[tuple[str, ...], list[_Slot]]:
+    """For each leaf of an (abstract) tree: its HF tensors (one per stacked layer)."""
+    leaves = {_path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    specs: dict[tuple[str, ...], list[_Slot]] = {}
+    for keys, leaf in leaves.items():
+        stacked = fam.is_stacked(keys, scanned)
+        layers: list[int | None] = list(range(leaf.shape[0])) if stacked else [None]
+        fused = fam.fused_path("/".join(keys[:-1]))
+        rows: tuple[int | None, int | None, int | None] = (None, None, None)
+        if fused is not None:  # rows of the fused tensor: members' outputs, in order
+            group, fused_path, index = fused
+            sizes = [
+                int(leaves[(*m.split("/"), keys[-1])].shape[-1])
+                for m in group.member_paths(fused_path)
+            ]
+            rows = (sum(sizes[:index]), sizes[index], sum(sizes))
+        specs[keys] = [_Slot(*_hf_tensor_name(fam, keys, i), *rows) for i in layers]
     return specs
+
+
+def _hf_shape(slot: _Slot, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor's shape, from our per-layer array shape."""
+    hf = tuple(reversed(shape)) if slot.transposed else tuple(shape)
+    if slot.total is not None:
+        hf = (slot.total, *hf[1:])
+    return hf
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -212,21 +246,25 @@ def _check_names(
 
 def _leaf_callback(
     reader: hf_io.TensorReader,
-    names: list[tuple[str, bool]],
+    slots: list[_Slot],
     stacked: bool,
     dtype: np.dtype,
 ) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    def read_one(name: str, transposed: bool, index: tuple[slice, ...]) -> np.ndarray:
-        hf_index = tuple(reversed(index)) if transposed else index
-        x = reader.read(name, hf_index)
-        return np.ascontiguousarray(x.T if transposed else x, dtype=dtype)
+    def read_one(slot: _Slot, index: tuple[slice, ...]) -> np.ndarray:
+        hf_index = tuple(reversed(index)) if slot.transposed else index
+        if slot.offset is not None:  # a member of a fused tensor: shift its rows
+            start, stop, step = hf_index[0].indices(slot.size)  # type: ignore[arg-type]
+            rows = slice(slot.offset + start, slot.offset + stop, step)
+            hf_index = (rows, *hf_index[1:])
+        x = reader.read(slot.name, hf_index)
+        return np.ascontiguousarray(x.T if slot.transposed else x, dtype=dtype)
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(index)
         if not stacked:
-            return read_one(*names[0], index)
-        layers = range(len(names))[index[0]]
-        return np.stack([read_one(*names[i], index[1:]) for i in layers])
+            return read_one(slots[0], index)
+        layers = range(len(slots))[index[0]]
+        return np.stack([read_one(slots[i], index[1:]) for i in layers])
 
     return callback
 
@@ -295,12 +333,12 @@ def load_pretrained(
         _path_keys(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
     }
     expected: dict[str, tuple[int, ...]] = {}
-    for keys, names in specs.items():
+    for keys, slots in specs.items():
         shape = abstract_leaves[keys].shape
         if fam.is_stacked(keys, scan_layers):
             shape = shape[1:]
-        for name, transposed in names:
-            expected[name] = tuple(reversed(shape)) if transposed else tuple(shape)
+        for slot in slots:
+            expected[slot.name] = _hf_shape(slot, shape)
 
     treedef = jax.tree.structure(abstract)
     if shardings is None:
@@ -468,21 +506,23 @@ def save_pretrained(
                 f"save_pretrained: {'/'.join(keys)!r} has dtype {leaf_dtype}; pass dtype="
             )
 
-    # One entry per HF tensor: name -> (getter, nbytes).
+    # One entry per HF tensor: name -> (getter, nbytes); fused tensors join their members.
     specs = _leaf_specs(fam, abstract, scanned)
-    tensors: dict[str, tuple[Callable[[], np.ndarray], int]] = {}
-    for keys, names in specs.items():
+    parts: dict[str, list[tuple[int, Callable[[], np.ndarray]]]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, np.dtype] = {}
+    for keys, slots in specs.items():
         leaf = given[keys]
         leaf_dtype = np.dtype(leaf.dtype) if out_dtype is None else out_dtype
         stacked = fam.is_stacked(keys, scanned)
-        for i, (name, transposed) in enumerate(names):
+        for i, slot in enumerate(slots):
             shape = expected[keys].shape[1:] if stacked else expected[keys].shape
 
             def get(
                 leaf: Any = leaf,
                 i: int = i,
                 stacked: bool = stacked,
-                t: bool = transposed,
+                t: bool = slot.transposed,
                 dt: np.dtype = leaf_dtype,
             ) -> np.ndarray:
                 x = np.asarray(leaf[i] if stacked else leaf)
@@ -490,7 +530,20 @@ def save_pretrained(
                     x = x.T
                 return np.ascontiguousarray(x, dtype=dt)
 
-            tensors[name] = (get, int(np.prod(shape)) * leaf_dtype.itemsize)
+            parts.setdefault(slot.name, []).append((slot.offset or 0, get))
+            shapes[slot.name] = _hf_shape(slot, tuple(shape))
+            dtypes[slot.name] = leaf_dtype
+
+    def joined(getters: list[tuple[int, Callable[[], np.ndarray]]]) -> Callable[[], np.ndarray]:
+        if len(getters) == 1:
+            return getters[0][1]
+        ordered = [g for _, g in sorted(getters, key=lambda p: p[0])]
+        return lambda: np.concatenate([g() for g in ordered], axis=0)
+
+    tensors: dict[str, tuple[Callable[[], np.ndarray], int]] = {
+        name: (joined(getters), int(np.prod(shapes[name])) * dtypes[name].itemsize)
+        for name, getters in parts.items()
+    }
     order = sorted(tensors, key=_natural_key)
     shards: list[list[str]] = []
     size = 0
