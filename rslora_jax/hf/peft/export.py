@@ -33,6 +33,7 @@ from rslora_jax.hf.peft._format import (
     method_to_peft,
     refuse_without_peft_format,
 )
+from rslora_jax.hf.peft._fused import fuse_adapters
 from rslora_jax.models.families import LinearModule, family_of
 
 
@@ -117,11 +118,15 @@ def export_peft(
     fam = family_of(model_config, where)
     scanned = fam.is_scanned(params, where)
     model_cfg = fam.config(model_config, scan_layers=scanned, where=where)
+    specs = leaves_for(lora_config)
+    if fam.fused:  # the checkpoint's fused modules (Phi-3's qkv_proj): adapters joined, exactly
+        base_modules(fam, params, model_cfg, where)
+        params, lora_config = fuse_adapters(fam, params, lora_config, specs, where)
+        fam = fam.fused_view()
     modules = base_modules(fam, params, model_cfg, where)
     holders = adapted_holders(params)
     if not holders:
         raise ValueError(f"{where}: params hold no adapters (no kernel with adapter leaves)")
-    specs = leaves_for(lora_config)
 
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
