@@ -67,6 +67,7 @@ class Phi3Config(DecoderConfig):
             )
         if self.layer_types is not None:
             raise ValueError("Phi3Config.layer_types: Phi-3 uses sliding_window in every layer")
+        self.rope_for("full_attention")  # LongRoPE's factors fit the rotated features
 
     def rope_for(self, layer_type: str) -> Rope:
         """The one rotary embedding, over ``int(head_dim * partial_rotary_factor)`` features."""

@@ -20,7 +20,8 @@ import rslora_jax as rl
 from rslora_jax._types import PyTree
 from rslora_jax.cli.finetune.args import SCHEDULES
 from rslora_jax.cli.finetune.layout import batch_sharding, named, run_specs
-from rslora_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss, init_params
+from rslora_jax.models.decoder import causal_lm_loss, init_params
+from rslora_jax.models.families import family_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Program:
 
 @functools.lru_cache(maxsize=8)
 def program(
-    model_config: LlamaConfig,
+    model_config: Any,
     lora_config: rl.LoraConfig,
     optim: OptimSettings,
     mesh: Mesh,
@@ -122,7 +123,7 @@ def program(
     with respect to the adapters only.
 
     Args:
-      model_config: the model (scanned layers).
+      model_config: the model (any family's config, scanned layers).
       lora_config: the adapters.
       optim: the optimizer's hyperparameters.
       mesh: the device mesh.
@@ -143,7 +144,7 @@ def program(
     base_sh, adapter_sh = named(mesh, base_specs), named(mesh, adapter_specs)
     state_sh = named(mesh, rl.opt_state_specs(opt, abstract_adapters, adapter_specs))
     batch_sh = batch_sharding(mesh)
-    apply = rl.lora(LlamaForCausalLM(model_config).apply, lora_config, mode=forward)
+    apply = rl.lora(family_of(model_config).module(model_config).apply, lora_config, mode=forward)
     use_dropout = lora_config.dropout > 0
 
     def loss_fn(adapters: PyTree, base: PyTree, batch: jax.Array, key: jax.Array) -> jax.Array:
