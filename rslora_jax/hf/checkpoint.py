@@ -278,10 +278,13 @@ def load_pretrained(
     shardings: Any = None,
     **runtime: Any,
 ) -> tuple[Any, Params]:
-    """Loads a Hugging Face checkpoint directory (Llama, Mistral, Qwen2) into our params tree.
+    """Loads a Hugging Face checkpoint directory (any registered family) into our params tree.
 
     The model family is chosen by the config's ``model_type``
-    (:data:`rslora_jax.models.families.FAMILIES`). Only safetensors weights are read
+    (:data:`rslora_jax.models.families.FAMILIES`: Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+    Gemma 3 text, Phi-3); tensors the checkpoint stores fused (Phi-3's ``qkv_proj``,
+    ``gate_up_proj``) are split into our modules, each device reading only its rows when
+    sharded. Only safetensors weights are read
     (``model.safetensors`` or a sharded ``model.safetensors.index.json``); PyTorch pickles are
     refused.
 
@@ -298,8 +301,8 @@ def load_pretrained(
             :class:`~rslora_jax.models.LlamaConfig`: ``remat``, ``attention_impl``).
 
     Returns:
-        ``(config, params)``: our config (a :class:`~rslora_jax.models.LlamaConfig` for the
-        Llama family) and the params.
+        ``(config, params)``: our config (the family's, e.g. a
+        :class:`~rslora_jax.models.GemmaConfig` for Gemma) and the params.
 
     Raises:
         ValueError: unsupported model type, pickle-only directory, missing or unexpected
@@ -431,8 +434,9 @@ def save_pretrained(
 
     The result (config.json, ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus
     ``model.safetensors.index.json``, PyTorch names and ``(out, in)`` layout) loads with
-    ``transformers.AutoModelForCausalLM.from_pretrained(directory)``. The files are written into
-    a new directory next to ``directory``, which then replaces ``directory`` in one step
+    ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` as the family's class
+    (modules the checkpoint format fuses, Phi-3's ``qkv_proj``, are joined). The files are
+    written into a new directory next to ``directory``, which then replaces it in one step
     (:func:`rslora_jax._files.staged_directory`): a reader, or a crash, sees either the old
     save or the new one complete, and a failed save leaves the old directory intact. Other
     files already in ``directory`` (a tokenizer, a README) are kept; weight files of an earlier

@@ -171,10 +171,19 @@ class Phi3Config(DecoderConfig):
             bos_token_id=None,
             eos_token_id=None,
         )
-        if self.rope_scaling is not None:
-            omp = self.rope_scaling.original_max_position_embeddings
+        rs = self.rope_scaling
+        if rs is not None:
+            omp = rs.original_max_position_embeddings
             kwargs["original_max_position_embeddings"] = omp
-            kwargs["rope_scaling"] = self.rope_scaling.to_dict()
+            derived = rs.factor == self.max_position_embeddings / omp  # type: ignore[operator]
+            if derived and rs.attention_factor is None:  # the form transformers 4.x and 5.x read
+                kwargs["rope_scaling"] = {
+                    "type": "longrope",
+                    "short_factor": list(rs.short_factor or ()),
+                    "long_factor": list(rs.long_factor or ()),
+                }
+            else:  # transformers 5.x only
+                kwargs["rope_scaling"] = rs.to_dict()
         hf = transformers.Phi3Config(**kwargs)
         hf.architectures = ["Phi3ForCausalLM"]
         return hf
