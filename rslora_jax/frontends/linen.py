@@ -249,19 +249,20 @@ def _signature(tree: Any) -> Any:
     return treedef, tuple(sig)
 
 
-def _factorable(apply_fn, config, variables, args, kwargs) -> frozenset[str]:
+def _factorable(apply_fn, config, variables, args, kwargs, shared=None) -> frozenset[str]:
     """The adapted module paths that the interceptor (or the model) handles, from an abstract
-    trace."""
-    leaves, treedef = jax.tree.flatten((variables, args, kwargs))
+    trace. `shared`: the params' top-level adapter entries (RaSA's pools), which a model that
+    claims its projections needs to compute them."""
+    leaves, treedef = jax.tree.flatten((variables, args, kwargs, shared or {}))
     dyn_idx = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
 
     def run(*dyn):
         full = list(leaves)
         for i, val in zip(dyn_idx, dyn):
             full[i] = val
-        v, a, kw = jax.tree.unflatten(treedef, full)
+        v, a, kw, sh = jax.tree.unflatten(treedef, full)
         with (
-            claim.activate(config, frozenset(), "factored") as ctx,
+            claim.activate(config, frozenset(), "factored", sh) as ctx,
             nn.intercept_methods(_interceptor(config, handled, frozenset(), compute=False)),
         ):
             out = apply_fn(v, *a, **kw)
@@ -345,7 +346,7 @@ def lora(
             key = _signature((variables, args, kwargs))
             plan = plans.get(key) if key is not None else None
             if plan is None:
-                plan = _factorable(apply_fn, config, variables, args, kwargs)
+                plan = _factorable(apply_fn, config, variables, args, kwargs, shared)
                 if key is not None:
                     plans[key] = plan
             unhandled = wanted - plan
