@@ -218,10 +218,10 @@ def export_peft(
         "loftq_config": {},
     }
     if task_type is None:  # what PEFT writes for AutoPeftModel without a task type
+        package = model_cfg.model_type.removesuffix("_text")  # gemma3_text lives in gemma3
         config_dict["auto_mapping"] = {
             "base_model_class": fam.architecture(model_cfg.model_type),
-            "parent_library": f"transformers.models.{model_cfg.model_type}.modeling_"
-            f"{model_cfg.model_type}",
+            "parent_library": f"transformers.models.{package}.modeling_{package}",
         }
     text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
 
