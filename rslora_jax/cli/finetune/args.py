@@ -25,6 +25,7 @@ from rslora_jax.cli.common import (
     positive_int,
 )
 from rslora_jax.core.config import ALL_LINEAR
+from rslora_jax.ops.quantize import CHOICES as QUANTIZE_CHOICES
 
 PROG = "rslora-finetune"
 #: The built-in base model (config.json, model.safetensors, tokenizer files).
@@ -63,6 +64,7 @@ TRAJECTORY_ARGS = (
     "seed",
     "dtype",
     "param_dtype",
+    "quantize",
 )
 
 
@@ -158,6 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (activations)")
     g.add_argument(
         "--param-dtype", choices=DTYPES, default="float32", help="dtype of the frozen base"
+    )
+    g.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="store the frozen base's targeted kernels quantized (QLoRA): int8 (per output "
+        "channel), nf4 (4-bit NormalFloat, blocks of 64), fp8 (e4m3); quantized while loading, "
+        "dequantized per layer in the forward pass; embeddings, norms and lm_head stay in "
+        "--param-dtype",
     )
     g.add_argument("--remat", action="store_true", help="recompute layer activations (memory)")
     g.add_argument(

@@ -126,6 +126,7 @@ def train(plan: Plan) -> dict[str, Any]:
         OptimSettings.from_args(args),
         plan.mesh,
         args.forward,
+        getattr(args, "quantize", "none"),
     )
     local = LocalRows.of(prog.batch, args.batch_size)
     _, base = load_pretrained(
@@ -133,8 +134,9 @@ def train(plan: Plan) -> dict[str, Any]:
         dtype=args.dtype,
         param_dtype=args.param_dtype,
         scan_layers=True,
-        shardings=prog.base,
+        shardings=prog.load_base,
         remat=args.remat,
+        transform=_quantizer(args, plan.lora_config),
     )
     key_init, key_dropout = jax.random.split(jax.random.key(args.seed))
     # Created in place, sharded: every process computes its own shards of the same values.
@@ -179,12 +181,16 @@ def train(plan: Plan) -> dict[str, Any]:
         saved_steps.add(step)
 
     n_adapter = rl.num_adapter_params(adapters)
-    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
+    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base, is_leaf=rl.is_quantized))
+    quant = getattr(args, "quantize", "none")
+    base_memory = f"{rl.base_bytes(base) / 2**20:,.1f} MiB" + (
+        f" with {quant} kernels" if quant != "none" else ""
+    )
     tokens_per_step = args.batch_size * args.seq_len
     scale = plan.lora_config.scale_for("model/layers/self_attn/q_proj")
     processes = f", {jax.process_count()} processes" if multi else ""
     say(
-        f"model {plan.model_dir} ({n_base:,} parameters, frozen)\nadapters: {n_adapter:,} "
+        f"model {plan.model_dir} ({n_base:,} parameters, frozen; {base_memory})\nadapters: {n_adapter:,} "
         f"parameters, rank {args.rank}, alpha {args.alpha:g}, {args.scaling} (scale "
         f"{scale:.4g}), targets {args.targets}\ndata: {plan.data_description}: "
         f"{len(plan.train_rows)} training and {len(plan.eval_rows)} held-out sequences of "
@@ -302,6 +308,14 @@ def train(plan: Plan) -> dict[str, Any]:
         write_metrics(metrics, written["metrics"], out)
     barrier("rslora-finetune: outputs written")
     return metrics
+
+
+def _quantizer(args: Any, lora_config: rl.LoraConfig) -> Any:
+    """The loader's per-tensor transform for ``--quantize`` (None for ``none``)."""
+    from rslora_jax.ops.quantize import loader_transform
+
+    scheme = getattr(args, "quantize", "none")
+    return None if scheme == "none" else loader_transform(scheme, config=lora_config)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

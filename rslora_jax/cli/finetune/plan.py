@@ -281,6 +281,19 @@ def _merged_dtype(args: argparse.Namespace, model_dir: Path) -> str:
     return name if name in DTYPES else "float32"
 
 
+def _check_quantize(args: argparse.Namespace, abstract_base: PyTree, config: Any) -> None:
+    """``--quantize``: every targeted kernel can be quantized (shapes only)."""
+    scheme = getattr(args, "quantize", "none")
+    if scheme == "none":
+        return
+    from rslora_jax.ops.quantize import abstract_quantize
+
+    try:
+        abstract_quantize(abstract_base, scheme, config=config)
+    except ValueError as err:
+        raise UsageError(f"--quantize {scheme}: {err}") from None
+
+
 def prepare(args: argparse.Namespace) -> Plan:
     """Checks every input and plans the run; reads no weights and compiles nothing.
 
@@ -309,6 +322,7 @@ def prepare(args: argparse.Namespace) -> Plan:
                 )
         abstract_base = jax.eval_shape(lambda k: init_params(model_config, k), jax.random.key(0))
         lora_config, abstract_adapters = _check_lora(args, abstract_base)
+        _check_quantize(args, abstract_base, lora_config)
         mesh = _check_mesh(args, abstract_base, abstract_adapters, lora_config)
     except UsageError:
         if created:

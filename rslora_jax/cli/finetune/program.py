@@ -22,6 +22,7 @@ from rslora_jax.cli.finetune.args import SCHEDULES
 from rslora_jax.cli.finetune.layout import batch_sharding, named, run_specs
 from rslora_jax.models.decoder import causal_lm_loss, init_params
 from rslora_jax.models.families import family_of
+from rslora_jax.ops.quantize import abstract_quantize, quantized_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Program:
     batch: NamedSharding
     replicated: NamedSharding
     flags: NamedSharding  # one bool per device (`stop_flags`)
+    load_base: PyTree = None  # NamedShardings of the plain base (before --quantize)
 
     def stop_flags(self, value: bool) -> jax.Array:
         """A global bool vector with one entry per device, `value` on this process's devices.
@@ -112,6 +114,7 @@ def program(
     optim: OptimSettings,
     mesh: Mesh,
     forward: str = "auto",
+    quantize: str = "none",
 ) -> Program:
     """Builds (and caches) the jitted training and evaluation functions of a run.
 
@@ -129,6 +132,10 @@ def program(
       mesh: the device mesh.
       forward: the `rslora_jax.lora` mode of the training forward (``"auto"``, ``"fused"``,
         ``"factored"``); the evaluation uses the same.
+      quantize: ``"none"`` or the scheme of a quantized base (`rslora_jax.quantize` of the
+        kernels `lora_config` targets by default): the functions then take the quantized base,
+        its codes and scales sharded like the kernels (`Program.load_base` keeps the plain
+        base's shardings, for loading).
 
     Returns:
       The jitted functions and their shardings.
@@ -138,6 +145,10 @@ def program(
         lambda k: rl.init_adapters(abstract_base, lora_config, k), jax.random.key(0)
     )
     base_specs, adapter_specs = run_specs(abstract_base, abstract_adapters, lora_config, mesh)
+    load_specs = base_specs
+    if quantize != "none":
+        abstract_q = abstract_quantize(abstract_base, quantize, config=lora_config)
+        base_specs = quantized_specs(base_specs, abstract_q, dict(mesh.shape))
     opt = make_optimizer(optim)
     replicated = NamedSharding(mesh, P())
     flags = NamedSharding(mesh, P(tuple(mesh.axis_names)))
@@ -185,4 +196,5 @@ def program(
         batch=batch_sh,
         replicated=replicated,
         flags=flags,
+        load_base=named(mesh, load_specs),
     )
