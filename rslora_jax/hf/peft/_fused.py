@@ -31,6 +31,7 @@ from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.tree import KERNEL, is_adapter_key
 from rslora_jax.hf.peft._format import LeafSpec
 from rslora_jax.models.families import FusedModule, ModelFamily
+from rslora_jax.ops.quantize import dequantize, is_quantized
 
 _LAYERS = ("model", "layers")
 
@@ -67,7 +68,8 @@ def fuse_adapters(
         sizes = [int(k.shape[-1]) for k in kernels]
         total = sum(sizes)
         lead = tuple(kernels[0].shape[:-1])
-        out: dict[str, Any] = {KERNEL: jax.ShapeDtypeStruct((*lead, total), kernels[0].dtype)}
+        dtype = np.float32 if is_quantized(kernels[0]) else kernels[0].dtype
+        out: dict[str, Any] = {KERNEL: jax.ShapeDtypeStruct((*lead, total), dtype)}
         adapted = [i for i, h in enumerate(holders) if any(is_adapter_key(k) for k in h)]
         if not adapted:
             return out
@@ -110,7 +112,7 @@ def fuse_adapters(
                 if i in adapted:
                     parts.append(_host(h[name]))
                 else:
-                    k = _host(h[KERNEL]).astype(np.float32)
+                    k = _host(dequantize({KERNEL: h[KERNEL]})[KERNEL]).astype(np.float32)
                     norm = np.sqrt(np.sum(np.square(k), axis=-2))
                     parts.append(norm.astype(_host(holders[adapted[0]][name]).dtype))
             out[name] = np.concatenate(parts, axis=-1)

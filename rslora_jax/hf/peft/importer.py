@@ -39,6 +39,7 @@ from rslora_jax.hf.peft._format import (
 )
 from rslora_jax.hf.peft._fused import member_targets, split_adapters
 from rslora_jax.models.families import LinearModule, family_of, fuse_params
+from rslora_jax.ops.quantize import is_quantized
 
 
 # ---------------------------------------------------------------------------- import
@@ -348,8 +349,14 @@ def _classify_keys(
 
 
 def _kernels(tree: Any) -> Any:
-    """The kernels (and biases) of a base tree as `jax.ShapeDtypeStruct` (nothing copied)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    """The leaves of a base tree as `jax.ShapeDtypeStruct` (nothing copied; a quantized kernel
+    by its logical shape)."""
+
+    def shape(x: Any) -> jax.ShapeDtypeStruct:
+        dtype = np.float32 if is_quantized(x) else x.dtype
+        return jax.ShapeDtypeStruct(tuple(np.shape(x) if not is_quantized(x) else x.shape), dtype)
+
+    return jax.tree.map(shape, tree, is_leaf=is_quantized)
 
 
 def _all_keys(tree: Any) -> list[str]:
