@@ -63,10 +63,12 @@ class LayerInputs(NamedTuple):
     Attributes:
         rope: ``(cos, sin)`` per rotary embedding of ``config.arch.ropes``.
         positions: (B, S) integer positions.
+        segment_ids: (B, S) ids of examples packed in a row (0: padding), or None.
     """
 
     rope: tuple[tuple[Array, Array], ...]
     positions: Array
+    segment_ids: Array | None = None
 
 
 class RMSNorm(nn.Module):
@@ -183,9 +185,9 @@ class Attention(nn.Module):
             q = _norm(c, "q_norm")(q)
             k = _norm(c, "k_norm")(k)
 
-        def attend(index: int, q: Array, k: Array, v: Array, rope: Any) -> Array:
+        def attend(index: int, q: Array, k: Array, v: Array, inputs: LayerInputs) -> Array:
             lk = a.kinds[index]
-            cos, sin = rope[lk.rope]
+            cos, sin = inputs.rope[lk.rope]
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
             return attention(
@@ -194,6 +196,7 @@ class Attention(nn.Module):
                 v,
                 scale=a.query_scale,
                 window=lk.window,
+                segment_ids=inputs.segment_ids,
                 softcap=a.attn_softcap,
                 impl=c.attention_impl,
             )
@@ -203,15 +206,15 @@ class Attention(nn.Module):
         else:
             branches = [functools.partial(attend, i) for i in range(len(a.kinds))]
 
-            def run(q: Array, k: Array, v: Array, rope: Any) -> Array:
-                return jax.lax.switch(kind, branches, q, k, v, rope)
+            def run(q: Array, k: Array, v: Array, inputs: LayerInputs) -> Array:
+                return jax.lax.switch(kind, branches, q, k, v, inputs)
 
         if c.attention_impl != "cudnn" and not c.remat:
             # The XLA path materialises (B, H, S, S) logits and probabilities: recompute them in
             # the backward pass rather than keep them for every layer (cuDNN's fused kernel
             # keeps only the log-sum-exp; with remat the whole layer is recomputed anyway).
             run = jax.checkpoint(run)
-        out = run(q, k, v, inputs.rope).reshape(b, s, nq * hd)
+        out = run(q, k, v, inputs).reshape(b, s, nq * hd)
         (y,) = _projections(self, out, (("o_proj", c.hidden_size, a.o_bias),))
         return y
 
@@ -321,7 +324,9 @@ class DecoderModel(nn.Module):
             self.layers = _LayerList(c)
         self.norm = _norm(c, "norm")
 
-    def __call__(self, input_ids: Array, positions: Array) -> Array:
+    def __call__(
+        self, input_ids: Array, positions: Array, segment_ids: Array | None = None
+    ) -> Array:
         c = self.config
         a = c.arch
         x = self.embed_tokens(input_ids)
@@ -330,7 +335,9 @@ class DecoderModel(nn.Module):
             scale = jnp.asarray(a.embed_scale, c.param_dtype).astype(x.dtype)
             x = x * scale
         inputs = LayerInputs(
-            rope=tuple(cos_sin(r, positions) for r in a.ropes), positions=positions
+            rope=tuple(cos_sin(r, positions) for r in a.ropes),
+            positions=positions,
+            segment_ids=segment_ids,
         )
         if c.scan_layers:
             kinds = jnp.asarray(a.layer_kinds, jnp.int32) if _mixed(c) else None
@@ -345,12 +352,17 @@ class DecoderModel(nn.Module):
 
 
 class DecoderForCausalLM(nn.Module):
-    """Causal LM of any family: ``apply({"params": p}, input_ids, positions=None) -> logits``.
+    """Causal LM of any family: ``apply({"params": p}, input_ids, positions=None,
+    segment_ids=None) -> logits``.
 
     Args (of ``__call__``):
         input_ids: (B, S) integer token ids.
         positions: optional (B, S) or (S,) integer positions for RoPE (default ``arange(S)``). The
             attention mask is causal in sequence order regardless of ``positions``.
+        segment_ids: optional (B, S) integer ids of examples packed in a row (0: padding):
+            attention never crosses from one id to another (`rslora_jax.models.attention`), so
+            with ``positions`` restarting at each example a packed row computes what its
+            examples compute one per row (`rslora_jax.data.pack_examples` makes both).
 
     Returns:
         Logits (B, S, vocab_size) in the compute dtype ``config.dtype`` (float32 by default;
@@ -374,14 +386,21 @@ class DecoderForCausalLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c, c.vocab_size, False, "lm_head")
 
-    def __call__(self, input_ids: Array, positions: Array | None = None) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+    ) -> Array:
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq): got {input_ids.shape}")
         if positions is None:
             positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.asarray(positions), input_ids.shape)
-        hidden = self.model(input_ids, positions)
+        if segment_ids is not None:
+            segment_ids = jnp.broadcast_to(jnp.asarray(segment_ids), input_ids.shape)
+        hidden = self.model(input_ids, positions, segment_ids)
         if self.config.tie_word_embeddings:
             logits = self.model.attend(hidden)
         else:
