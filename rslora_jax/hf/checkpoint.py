@@ -30,7 +30,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,6 +63,20 @@ _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bi
 # Name mapping
 
 
+class _Slot(NamedTuple):
+    """Where one of our arrays (one layer of a stacked leaf) lives in the checkpoint.
+
+    ``offset``/``size``: the rows (HF's output axis 0) of a fused tensor that hold it (Phi-3's
+    ``qkv_proj``: q, k, v), or None for a whole tensor; ``total``: the fused tensor's rows.
+    """
+
+    name: str
+    transposed: bool
+    offset: int | None = None
+    size: int | None = None
+    total: int | None = None
+
+
 def _hf_tensor_name(
     fam: ModelFamily, leaf_path: tuple[str, ...], layer: int | None
 ) -> tuple[str, bool]:
@@ -73,7 +87,11 @@ def _hf_tensor_name(
             f"parameter {'/'.join(leaf_path)!r} has no Hugging Face counterpart "
             f"(leaf {leaf!r}; expected one of {sorted(_LEAF_TO_HF)})"
         )
-    name = fam.hf_module_name("/".join(module), layer)
+    path = "/".join(module)
+    fused = fam.fused_path(path)
+    if fused is not None:
+        path = fused[1]
+    name = fam.hf_module_name(path, layer)
     return f"{name}.{_LEAF_TO_HF[leaf]}", leaf == "kernel"
 
 
@@ -83,16 +101,32 @@ def _path_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
 
 def _leaf_specs(
     fam: ModelFamily, abstract: Params, scanned: bool
-) -> dict[tuple[str, ...], list[tuple[str, bool]]]:
-    """For each leaf of an (abstract) tree: its HF tensor names (one per stacked layer)."""
-    specs: dict[tuple[str, ...], list[tuple[str, bool]]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        keys = _path_keys(path)
-        if fam.is_stacked(keys, scanned):
-            specs[keys] = [_hf_tensor_name(fam, keys, i) for i in range(leaf.shape[0])]
-        else:
-            specs[keys] = [_hf_tensor_name(fam, keys, None)]
+) -> dict[tuple[str, ...], list[_Slot]]:
+    """For each leaf of an (abstract) tree: its HF tensors (one per stacked layer)."""
+    leaves = {_path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    specs: dict[tuple[str, ...], list[_Slot]] = {}
+    for keys, leaf in leaves.items():
+        stacked = fam.is_stacked(keys, scanned)
+        layers: list[int | None] = list(range(leaf.shape[0])) if stacked else [None]
+        fused = fam.fused_path("/".join(keys[:-1]))
+        rows: tuple[int | None, int | None, int | None] = (None, None, None)
+        if fused is not None:  # rows of the fused tensor: members' outputs, in order
+            group, fused_path, index = fused
+            sizes = [
+                int(leaves[(*m.split("/"), keys[-1])].shape[-1])
+                for m in group.member_paths(fused_path)
+            ]
+            rows = (sum(sizes[:index]), sizes[index], sum(sizes))
+        specs[keys] = [_Slot(*_hf_tensor_name(fam, keys, i), *rows) for i in layers]
     return specs
+
+
+def _hf_shape(slot: _Slot, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor's shape, from our per-layer array shape."""
+    hf = tuple(reversed(shape)) if slot.transposed else tuple(shape)
+    if slot.total is not None:
+        hf = (slot.total, *hf[1:])
+    return hf
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -274,7 +308,7 @@ def _our_config(fam: ModelFamily, hf_config: Any, path: Path, **kwargs: Any) -> 
 
 def _expected(
     fam: ModelFamily, config: Any, scan_layers: bool
-) -> tuple[Params, dict[tuple[str, ...], list[tuple[str, bool]]], dict[str, tuple[int, ...]]]:
+) -> tuple[Params, dict[tuple[str, ...], list[_Slot]], dict[str, tuple[int, ...]]]:
     """(abstract params, HF names per leaf, HF tensor name -> shape) that `config` calls for."""
     abstract = fam.abstract_params(config)
     specs = _leaf_specs(fam, abstract, scanned=scan_layers)
@@ -282,8 +316,8 @@ def _expected(
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         keys = _path_keys(path)
         shape = leaf.shape[1:] if fam.is_stacked(keys, scan_layers) else leaf.shape
-        for name, transposed in specs[keys]:
-            expected[name] = tuple(reversed(shape)) if transposed else tuple(shape)
+        for slot in specs[keys]:
+            expected[slot.name] = _hf_shape(slot, shape)
     return abstract, specs, expected
 
 
@@ -334,22 +368,23 @@ def check_pretrained(directory: str | os.PathLike[str]) -> Any:
 
 def _leaf_callback(
     reader: hf_io.TensorReader,
-    names: list[tuple[str, bool]],
+    slots: list[_Slot],
     stacked: bool,
     dtype: np.dtype,
 ) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    def read_one(name: str, transposed: bool, index: tuple[slice, ...]) -> np.ndarray:
-        hf_index = tuple(reversed(index)) if transposed else index
-        x = reader.read(name, hf_index)
-        x = np.ascontiguousarray(x.T if transposed else x, dtype=dtype)
+    def read_one(slot: _Slot, index: tuple[slice, ...]) -> np.ndarray:
+        hf_index = tuple(reversed(index)) if slot.transposed else index
+        if slot.offset is not None:  # a member of a fused tensor: shift its rows
+            start, stop, step = hf_index[0].indices(slot.size)  # type: ignore[arg-type]
+            rows = slice(slot.offset + start, slot.offset + stop, step)
+            hf_index = (rows, *hf_index[1:])
+        raw = reader.read(slot.name, hf_index)
+        x = np.ascontiguousarray(raw.T if slot.transposed else raw, dtype=dtype)
         if not np.isfinite(x).all():
             raise ValueError(
-                f"tensor {name!r} in {str(reader.files[name])!r} holds NaN or Inf values"
-                + (
-                    f" once cast to {dtype}"
-                    if np.isfinite(reader.read(name, hf_index)).all()
-                    else ""
-                )
+                f"tensor {slot.name!r} in {str(reader.files[slot.name])!r} holds NaN or Inf "
+                "values"
+                + (f" once cast to {dtype}" if np.isfinite(raw).all() else "")
                 + ": the weights are damaged (or overflow the param_dtype)"
             )
         return x
@@ -357,9 +392,9 @@ def _leaf_callback(
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(index)
         if not stacked:
-            return read_one(*names[0], index)
-        layers = range(len(names))[index[0]]
-        return np.stack([read_one(*names[i], index[1:]) for i in layers])
+            return read_one(slots[0], index)
+        layers = range(len(slots))[index[0]]
+        return np.stack([read_one(slots[i], index[1:]) for i in layers])
 
     return callback
 
@@ -374,10 +409,13 @@ def load_pretrained(
     transform: Callable[[str, jax.Array], Any] | None = None,
     **runtime: Any,
 ) -> tuple[Any, Params]:
-    """Loads a Hugging Face checkpoint directory (Llama, Mistral, Qwen2) into our params tree.
+    """Loads a Hugging Face checkpoint directory (any registered family) into our params tree.
 
     The model family is chosen by the config's ``model_type``
-    (:data:`rslora_jax.models.families.FAMILIES`). Only safetensors weights are read
+    (:data:`rslora_jax.models.families.FAMILIES`: Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+    Gemma 3 text, Phi-3); tensors the checkpoint stores fused (Phi-3's ``qkv_proj``,
+    ``gate_up_proj``) are split into our modules, each device reading only its rows when
+    sharded. Only safetensors weights are read
     (``model.safetensors`` or a sharded ``model.safetensors.index.json``); PyTorch pickles are
     refused.
 
@@ -399,8 +437,8 @@ def load_pretrained(
             :class:`~rslora_jax.models.LlamaConfig`: ``remat``, ``attention_impl``).
 
     Returns:
-        ``(config, params)``: our config (a :class:`~rslora_jax.models.LlamaConfig` for the
-        Llama family) and the params.
+        ``(config, params)``: our config (the family's, e.g. a
+        :class:`~rslora_jax.models.GemmaConfig` for Gemma) and the params.
 
     Raises:
         ValueError: unsupported model type, pickle-only directory, damaged weight files,
@@ -532,8 +570,9 @@ def save_pretrained(
 
     The result (config.json, ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus
     ``model.safetensors.index.json``, PyTorch names and ``(out, in)`` layout) loads with
-    ``transformers.AutoModelForCausalLM.from_pretrained(directory)``. The files are written into
-    a new directory next to ``directory``, which then replaces ``directory`` in one step
+    ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` as the family's class
+    (modules the checkpoint format fuses, Phi-3's ``qkv_proj``, are joined). The files are
+    written into a new directory next to ``directory``, which then replaces it in one step
     (:func:`rslora_jax._files.staged_directory`): a reader, or a crash, sees either the old
     save or the new one complete, and a failed save leaves the old directory intact. Other
     files already in ``directory`` (a tokenizer, a README) are kept; weight files of an earlier
@@ -619,21 +658,23 @@ def save_pretrained(
             f"leaf(s): {bad[:10]}; refusing to write {str(directory)!r}"
         )
 
-    # One entry per HF tensor: name -> (getter, nbytes).
+    # One entry per HF tensor: name -> (getter, nbytes); fused tensors join their members.
     specs = _leaf_specs(fam, abstract, scanned)
-    tensors: dict[str, tuple[Callable[[], np.ndarray], int]] = {}
-    for keys, names in specs.items():
+    parts: dict[str, list[tuple[int, Callable[[], np.ndarray]]]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, np.dtype] = {}
+    for keys, slots in specs.items():
         leaf = given[keys]
         leaf_dtype = np.dtype(leaf.dtype) if out_dtype is None else out_dtype
         stacked = fam.is_stacked(keys, scanned)
-        for i, (name, transposed) in enumerate(names):
+        for i, slot in enumerate(slots):
             shape = expected[keys].shape[1:] if stacked else expected[keys].shape
 
             def get(
                 leaf: Any = leaf,
                 i: int = i,
                 stacked: bool = stacked,
-                t: bool = transposed,
+                t: bool = slot.transposed,
                 dt: np.dtype = leaf_dtype,
             ) -> np.ndarray:
                 x = np.asarray(leaf[i] if stacked else leaf)
@@ -641,7 +682,20 @@ def save_pretrained(
                     x = x.T
                 return np.ascontiguousarray(x, dtype=dt)
 
-            tensors[name] = (get, int(np.prod(shape)) * leaf_dtype.itemsize)
+            parts.setdefault(slot.name, []).append((slot.offset or 0, get))
+            shapes[slot.name] = _hf_shape(slot, tuple(shape))
+            dtypes[slot.name] = leaf_dtype
+
+    def joined(getters: list[tuple[int, Callable[[], np.ndarray]]]) -> Callable[[], np.ndarray]:
+        if len(getters) == 1:
+            return getters[0][1]
+        ordered = [g for _, g in sorted(getters, key=lambda p: p[0])]
+        return lambda: np.concatenate([g() for g in ordered], axis=0)
+
+    tensors: dict[str, tuple[Callable[[], np.ndarray], int]] = {
+        name: (joined(getters), int(np.prod(shapes[name])) * dtypes[name].itemsize)
+        for name, getters in parts.items()
+    }
     order = sorted(tensors, key=_natural_key)
     shards: list[list[str]] = []
     size = 0

@@ -1,7 +1,8 @@
 """The fine-tuning command: ``python -m rslora_jax.finetune`` (console script ``rslora-finetune``).
 
-Fine-tunes a Llama-family causal LM (a Hugging Face checkpoint directory: Llama, Mistral,
-Qwen2 in safetensors) with rsLoRA adapters (or RaSA, DoRA; ``--method``) on instruction data
+Fine-tunes a causal LM of any registered family (a Hugging Face checkpoint directory in
+safetensors: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3; see
+`rslora_jax.models.families`) with rsLoRA adapters (or RaSA, DoRA; ``--method``) on instruction data
 (chat, prompt/completion or Alpaca rows: the loss on the answers only, examples packed without
 attending to each other) or plain text, and leaves in ``--out`` everything needed to serve the
 result or to continue it::
@@ -69,7 +70,8 @@ The command's stages, one module each::
     outputs     exports (by method), loss.png, metrics.json, the summary
     command     `finetune` and `main`: all of the above, and the exit status
 
-The Llama family's tensor-parallel policy is `rslora_jax.models.sharding.param_specs`; what a
+The tensor-parallel policy is `rslora_jax.models.sharding.param_specs` (every family names its
+projections alike, so one policy serves all; each family registers it); what a
 second command would share (usage errors, argument types, ``--mesh``, the progress bar) is in
 `rslora_jax.cli.common`.
 """

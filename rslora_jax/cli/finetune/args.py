@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=Path,
         default=None,
-        help="Hugging Face checkpoint directory (Llama/Mistral/Qwen2, config.json + "
-        "safetensors); default: the built-in base model",
+        help="Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3: "
+        "config.json + safetensors); default: the built-in base model",
     )
     g.add_argument(
         "--tokenizer", type=Path, default=None, help="tokenizer directory; default: --model"

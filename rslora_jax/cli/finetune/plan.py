@@ -36,7 +36,8 @@ from rslora_jax.cli.finetune.dataset import RunData, prepare_data
 from rslora_jax.cli.finetune.layout import LocalRows, batch_sharding, batch_ways, run_specs
 from rslora_jax.cli.finetune.options import parse_layers, parse_trackers
 from rslora_jax.cli.finetune.tracking import check_trackers
-from rslora_jax.models.llama import LlamaConfig, init_params
+from rslora_jax.models.decoder import init_params
+from rslora_jax.models.families import family
 
 
 @dataclasses.dataclass
@@ -47,7 +48,7 @@ class Plan:
     out: Path
     model_dir: Path
     hf_config: Any
-    model_config: LlamaConfig
+    model_config: Any  # the family's config (e.g. rslora_jax.models.LlamaConfig)
     tokenizer: Any
     tokenizer_dir: Path
     data_description: str
@@ -105,7 +106,7 @@ def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _check_model(args: argparse.Namespace) -> tuple[Path, Any, LlamaConfig]:
+def _check_model(args: argparse.Namespace) -> tuple[Path, Any, Any]:
     from rslora_jax.hf import check_pretrained, load_config
 
     model_dir = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
@@ -119,7 +120,7 @@ def _check_model(args: argparse.Namespace) -> tuple[Path, Any, LlamaConfig]:
         raise UsageError(f"{what}: no config.json; is this a Hugging Face checkpoint directory?")
     try:
         hf_config = load_config(model_dir)
-        model_config = LlamaConfig.from_hf(
+        model_config = family(hf_config.model_type, "--model").from_hf(
             hf_config,
             dtype=args.dtype,
             param_dtype=args.param_dtype,
@@ -163,7 +164,7 @@ def _check_tokenizer(args: argparse.Namespace, model_dir: Path) -> tuple[Path, A
     return tok_dir, tokenizer
 
 
-def _check_data(args: argparse.Namespace, tokenizer: Any, config: LlamaConfig) -> RunData:
+def _check_data(args: argparse.Namespace, tokenizer: Any, config: Any) -> RunData:
     if args.seq_len > config.max_position_embeddings:
         raise UsageError(
             f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "

@@ -37,6 +37,7 @@ from rslora_jax.hf.peft._format import (
     method_to_peft,
     refuse_without_peft_format,
 )
+from rslora_jax.hf.peft._fused import fuse_adapters
 from rslora_jax.hf.peft.extras import export_extras, with_embeddings
 from rslora_jax.models.families import LinearModule, family_of
 from rslora_jax.ops.finite import NonFiniteError, nonfinite_paths
@@ -132,12 +133,16 @@ def export_peft(
     fam = family_of(model_config, where)
     scanned = fam.is_scanned(params, where)
     model_cfg = fam.config(model_config, scan_layers=scanned, where=where)
+    specs = leaves_for(lora_config)
+    if fam.fused:  # the checkpoint's fused modules (Phi-3's qkv_proj): adapters joined, exactly
+        base_modules(fam, params, model_cfg, where)
+        params, lora_config = fuse_adapters(fam, params, lora_config, specs, where)
+        fam = fam.fused_view()
     modules = base_modules(fam, params, model_cfg, where)
     holders = adapted_holders(params)
     extra = export_extras(params, lora_config, fam, model_cfg, scanned, out_dtype, where)
     if not holders and not extra.embeddings:
         raise ValueError(f"{where}: params hold no adapters (no kernel with adapter leaves)")
-    specs = leaves_for(lora_config)
 
     adapters = {path: adapter_leaves(holder) for path, holder in holders}
     bad, after = nonfinite_paths(adapters), ""
@@ -246,10 +251,10 @@ def export_peft(
         "loftq_config": {},
     }
     if task_type is None:  # what PEFT writes for AutoPeftModel without a task type
+        package = model_cfg.model_type.removesuffix("_text")  # gemma3_text lives in gemma3
         config_dict["auto_mapping"] = {
             "base_model_class": fam.architecture(model_cfg.model_type),
-            "parent_library": f"transformers.models.{model_cfg.model_type}.modeling_"
-            f"{model_cfg.model_type}",
+            "parent_library": f"transformers.models.{package}.modeling_{package}",
         }
     text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
 

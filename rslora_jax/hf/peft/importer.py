@@ -43,10 +43,12 @@ from rslora_jax.hf.peft._format import (
     leaves_for,
     method_from_peft,
 )
+from rslora_jax.hf.peft._fused import member_targets, split_adapters
 from rslora_jax.hf.peft.extras import import_extras
-from rslora_jax.models.families import LinearModule, family_of
+from rslora_jax.models.families import LinearModule, family_of, fuse_params
 from rslora_jax.ops.extras import init_extras
 from rslora_jax.ops.finite import NonFiniteError
+from rslora_jax.ops.quantize import is_quantized
 
 
 # ---------------------------------------------------------------------------- import
@@ -175,7 +177,14 @@ def import_peft(
     fam = family_of(model_config, where)
     scanned = fam.is_scanned(params, where)
     model_cfg = fam.config(model_config, scan_layers=scanned, where=where)
-    modules = base_modules(fam, params, model_cfg, where)
+    ours = base_modules(fam, params, model_cfg, where)
+    split_family = fam
+    if fam.fused:  # PEFT adapts the checkpoint's fused modules (Phi-3's qkv_proj)
+        fam = fam.fused_view()
+        view = jax.eval_shape(lambda p: fuse_params(split_family.fused, p), _kernels(params))
+        modules = base_modules(fam, view, model_cfg, where)
+    else:
+        modules = ours
     by_name = {name: (m, i) for m in modules.values() for i, name in enumerate(m.names)}
     linear_names = list(by_name)
     all_linear = fam.all_linear(linear_names)
@@ -219,7 +228,7 @@ def import_peft(
             meta,
             reader,
             strip,
-            fam,
+            split_family,  # the extras name our (split) modules
             model_cfg,
             params,
             scanned,
@@ -310,6 +319,14 @@ def import_peft(
                 arr = np.stack(arrs) if module.stacked else arrs[0]
                 node[spec.ours] = jnp.asarray(arr)
 
+    if split_family.fused:  # back onto our split members
+        sizes = {p: m.d_out for p, m in ours.items()}
+        adapters, path_rank, path_alpha = split_adapters(
+            split_family, adapters, path_rank, path_alpha, sizes, specs
+        )
+        per_path = dict.fromkeys(path_rank)
+        meta = member_targets(split_family, meta)
+        modules = ours
     adapted = set(per_path)
     for p, name in extra.embeddings.items():
         path_rank[p] = int(rules.pattern_value(rank_pattern, name, r_default))
@@ -493,6 +510,17 @@ def _classify_keys(
         else:
             found[(name, spec.ours)] = key
     return found, unexpected
+
+
+def _kernels(tree: Any) -> Any:
+    """The leaves of a base tree as `jax.ShapeDtypeStruct` (nothing copied; a quantized kernel
+    by its logical shape)."""
+
+    def shape(x: Any) -> jax.ShapeDtypeStruct:
+        dtype = np.float32 if is_quantized(x) else x.dtype
+        return jax.ShapeDtypeStruct(tuple(np.shape(x) if not is_quantized(x) else x.shape), dtype)
+
+    return jax.tree.map(shape, tree, is_leaf=is_quantized)
 
 
 def _all_keys(tree: Any) -> list[str]:
