@@ -431,7 +431,7 @@ def _load_base(plan: Plan, prog: Program) -> PyTree:
     """The base on the run's shardings; with --train-tokens, grown to the larger vocabulary
     (new rows: the mean of the others, `rslora_jax.hf.resize_vocab`)."""
     from rslora_jax.hf import load_pretrained, resize_vocab
-    from rslora_jax.models.llama import init_params
+    from rslora_jax.models.decoder import init_params
     from rslora_jax.models.sharding import param_specs
 
     args = plan.args

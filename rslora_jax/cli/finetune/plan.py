@@ -183,8 +183,8 @@ def _names(flag: str, value: str | None) -> tuple[str, ...]:
 
 
 def _add_tokens(
-    args: argparse.Namespace, tokenizer: Any, model_config: LlamaConfig, hf_config: Any
-) -> tuple[LlamaConfig, Any, int | None, tuple[int, ...]]:
+    args: argparse.Namespace, tokenizer: Any, model_config: Any, hf_config: Any
+) -> tuple[Any, Any, int | None, tuple[int, ...]]:
     """--train-tokens: the tokens added to the tokenizer, the configs with room for them."""
     from rslora_jax.hf.vocab import add_to_tokenizer, with_vocab_size
 
