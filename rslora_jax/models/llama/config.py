@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
-_ATTENTION_IMPLS = (None, "xla", "cudnn")
+_ATTENTION_IMPLS = (None, "xla", "cudnn", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +127,9 @@ class LlamaConfig:
     ``scan_layers`` (one ``nn.scan`` over the layers, params stacked on a leading axis),
     ``remat`` (per-layer rematerialisation with the ``jax.checkpoint_policies`` entry named by
     ``remat_policy``; the default saves the projections' matmul outputs and recomputes the rest,
-    attention included) and ``attention_impl`` (``implementation`` of
-    :func:`jax.nn.dot_product_attention`: None/"xla"/"cudnn"). Without remat, the XLA
+    attention included) and ``attention_impl`` (None: "blocked" on CPUs, XLA's choice elsewhere;
+    "xla"/"cudnn": ``implementation`` of :func:`jax.nn.dot_product_attention`; "blocked": the
+    flash-style CPU attention of :mod:`rslora_jax.models.attention`). Without remat, the XLA
     attention's (B, H, S, S) probabilities are still recomputed in the backward pass instead of
     being kept per layer. On GPUs prefer ``attention_impl="cudnn"`` (fused flash attention):
     measured on one H100 for a 1.1B model (TinyLlama shapes) at batch 4 x 2048 tokens, bf16

@@ -43,7 +43,7 @@ from rslora_jax._types import Array, Params, PRNGKey
 from rslora_jax.core import claim
 from rslora_jax.execution.dispatch import Contraction
 from rslora_jax.frontends.site import group_output, linen_dropout
-from rslora_jax.models.attention import attention
+from rslora_jax.models.attention import attention, materialises_scores
 from rslora_jax.models.llama.config import LlamaConfig
 
 # --------------------------------------------------------------------------------------------
@@ -195,10 +195,11 @@ class LlamaAttention(nn.Module):
         def attend(q: Array, k: Array, v: Array) -> Array:
             return attention(q, k, v, window=c.sliding_window, impl=c.attention_impl)
 
-        if c.attention_impl != "cudnn" and not c.remat:
+        if materialises_scores(c.attention_impl) and not c.remat:
             # The XLA path materialises (B, H, S, S) logits and probabilities: recompute them in
-            # the backward pass rather than keep them for every layer (cuDNN's fused kernel
-            # keeps only the log-sum-exp; with remat the whole layer is recomputed anyway).
+            # the backward pass rather than keep them for every layer (cuDNN's fused kernel and
+            # the blocked CPU one keep only the log-sum-exp; with remat the whole layer is
+            # recomputed anyway).
             attend = jax.checkpoint(attend)
         out = attend(q, k, v).reshape(b, s, nq * hd)
         (y,) = _projections(self, out, (("o_proj", c.hidden_size, c.o_bias),))
