@@ -150,17 +150,23 @@ def test_blocked_scale_and_bf16(qkv_long):
     assert g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g.astype(jnp.float32)).all())
 
 
-def test_cpu_default_is_blocked_and_xla_stays(qkv_long):
+def test_cpu_default_is_blocked_from_the_threshold_and_xla_stays(qkv_long, monkeypatch):
+    import rslora_jax.models.attention as attention_module
     from rslora_jax.models.attention import materialises_scores
 
     q, k, v, _ = qkv_long
     assert jax.default_backend() == "cpu"
-    jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v))(q, k, v))
-    assert "custom_vjp_call" in jaxpr  # the blocked kernel's custom VJP
-    jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, impl="xla"))(q, k, v))
-    assert "custom_vjp_call" not in jaxpr
-    assert not materialises_scores(None) and materialises_scores("xla")
-    assert not materialises_scores("cudnn") and not materialises_scores("blocked")
+
+    def uses_blocked(**kw):
+        jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention(q, k, v, **kw))(q, k, v))
+        return "custom_vjp_call" in jaxpr  # the blocked kernel's custom VJP
+
+    assert TB < attention_module.BLOCKED_MIN_LENGTH and not uses_blocked()
+    assert materialises_scores(None, TB) and not materialises_scores(None, 4096)
+    assert uses_blocked(impl="blocked") and not materialises_scores("blocked", TB)
+    monkeypatch.setattr(attention_module, "BLOCKED_MIN_LENGTH", TB)
+    assert uses_blocked() and not uses_blocked(impl="xla")
+    assert materialises_scores("xla") and not materialises_scores("cudnn")
     # The masked cases keep the masked path whatever impl says.
     seg = jnp.ones((B, TB), jnp.int32)
     got = attention(q, k, v, segment_ids=seg, impl="blocked")

@@ -21,7 +21,8 @@ With none of the extras (causal, no positions, no segments, no soft cap) it call
 ``mask=`` (``impl="xla"`` when a soft cap is asked for, which that function does not have: then the
 logits are computed here, in float32).
 
-``impl="blocked"`` (what ``impl=None`` picks when the default backend is the CPU) computes that
+``impl="blocked"`` (what ``impl=None`` picks when the default backend is the CPU, from
+`BLOCKED_MIN_LENGTH` positions on) computes that
 plain causal case (with or without a window) block by block instead: `blocked_attention`, a
 flash-attention-style computation in plain JAX. Each block of queries meets only the keys it can
 see (the masked upper triangle is never computed), one group of heads at a time so that a block
@@ -115,8 +116,9 @@ def attention(
       k_segment_ids: (B, S), overrides `segment_ids` for keys.
       k_valid: (B, S) which keys exist.
       softcap: Gemma 2's logit soft cap, or None.
-      impl: None (``"blocked"`` for the plain causal case when the default backend is the CPU,
-        else `jax.nn.dot_product_attention`'s own choice), ``"xla"``, ``"cudnn"`` (that
+      impl: None (``"blocked"`` for the plain causal case of `BLOCKED_MIN_LENGTH` positions or
+        more when the default backend is the CPU, else `jax.nn.dot_product_attention`'s own
+        choice), ``"xla"``, ``"cudnn"`` (that
         function's ``implementation``) or ``"blocked"`` (`blocked_attention`; plain causal case
         only, the masked path otherwise).
 
@@ -147,7 +149,7 @@ def attention(
     )
     # dot_product_attention promotes bf16 logits to float32 internally, which
     # jax_numpy_dtype_promotion="strict" would reject; the result keeps q's dtype.
-    if plain and t == s and _use_blocked(impl):
+    if plain and t == s and _use_blocked(impl, t):
         return blocked_attention(q, k, v, scale=scale, window=window)
     if impl == "blocked":
         impl = None
@@ -185,21 +187,30 @@ IMPLS = (None, "xla", "cudnn", "blocked")
 _BLOCK_BYTES = 1 << 20
 
 
-def _use_blocked(impl: str | None) -> bool:
-    return impl == "blocked" or (impl is None and jax.default_backend() == "cpu")
+# impl=None takes the blocked path on CPUs from this sequence length on; shorter sequences are one
+# block, where XLA's attention (scores recomputed under jax.checkpoint) measured as fast.
+BLOCKED_MIN_LENGTH = 256
 
 
-def materialises_scores(impl: str | None) -> bool:
-    """Whether plain causal `attention` with ``impl`` keeps ``(B, N, T, S)`` probabilities for its
-    backward pass on the default backend (XLA's kernel), so that recomputing it in the backward
-    pass (``jax.checkpoint``) saves memory. False for cuDNN and for `blocked_attention`, which
-    keep only the output and a log-sum-exp per query.
+def _use_blocked(impl: str | None, length: int | None = None) -> bool:
+    if impl == "blocked":
+        return True
+    if impl is not None or jax.default_backend() != "cpu":
+        return False
+    return length is None or length >= BLOCKED_MIN_LENGTH
+
+
+def materialises_scores(impl: str | None, length: int | None = None) -> bool:
+    """Whether plain causal `attention` with ``impl`` over ``length`` positions keeps
+    ``(B, N, T, S)`` probabilities for its backward pass on the default backend (XLA's kernel), so
+    that recomputing it in the backward pass (``jax.checkpoint``) saves memory. False for cuDNN
+    and for `blocked_attention`, which keep only the output and a log-sum-exp per query.
 
     Example:
-      >>> materialises_scores("cudnn"), materialises_scores("blocked")
-      (False, False)
+      >>> materialises_scores("cudnn"), materialises_scores("blocked"), materialises_scores("xla")
+      (False, False, True)
     """
-    return impl != "cudnn" and not _use_blocked(impl)
+    return impl != "cudnn" and not _use_blocked(impl, length)
 
 
 def block_plan(groups: int, heads_per_group: int, length: int, devices: int = 1) -> tuple[int, int]:
@@ -256,31 +267,35 @@ def _forward_blocks(q, k, v, block, window, scale):
     q: (c, g, T, H); k, v: (c, S, H), S == T.
     """
     f32 = jnp.float32
+    # float32 throughout (XLA's CPU matmuls have no bf16 x bf16 -> f32 form for all of these).
+    q, k, v = (x.astype(f32) for x in (q, k, v))
     t = q.shape[2]
     outs, lses = [], []
     for start in range(0, t, block):
         stop = min(start + block, t)
         lo = _key_range(start, stop, window)
-        logits = jnp.einsum(
-            "cgth,csh->cgts", q[:, :, start:stop], k[:, lo:stop], preferred_element_type=f32
-        ) * f32(scale)
+        logits = jnp.einsum("cgth,csh->cgts", q[:, :, start:stop], k[:, lo:stop]) * f32(scale)
         logits = jnp.where(_visible(start, stop, lo, window), logits, -jnp.inf)
         peak = jnp.max(logits, axis=-1, keepdims=True)
         p = jnp.exp(logits - peak)
         total = jnp.sum(p, axis=-1, keepdims=True)
-        pv = jnp.einsum(
-            "cgts,csh->cgth", p.astype(v.dtype), v[:, lo:stop], preferred_element_type=f32
-        )
+        pv = jnp.einsum("cgts,csh->cgth", p, v[:, lo:stop])
         outs.append(pv / total)
         lses.append((peak + jnp.log(total))[..., 0])
     return jnp.concatenate(outs, axis=2), jnp.concatenate(lses, axis=2)
 
 
 def _backward_blocks(q, k, v, out, lse, dout, block, window, scale):
-    """Gradients ``(dq, dk, dv)`` (float32) of one loop step; shapes as `_forward_blocks`."""
+    """Gradients ``(dq, dk, dv)`` (float32) of one loop step; shapes as `_forward_blocks`.
+
+    Each block's scores are recomputed transposed, keys x (heads, queries): then ``dv = p^T dout``
+    and ``dk = ds^T q`` read them in the layout XLA's CPU matmuls take without a copy, and ``dq``
+    is computed transposed too (``k^T ds^T``), so that only small blocks are ever transposed.
+    """
     f32 = jnp.float32
+    q, k, v, out, dout = (x.astype(f32) for x in (q, k, v, out, dout))
     t = q.shape[2]
-    delta = jnp.sum(dout.astype(f32) * out.astype(f32), axis=-1)  # (c, g, T)
+    delta = jnp.sum(dout * out, axis=-1)  # (c, g, T)
     dqs = []
     dk = jnp.zeros(k.shape, f32)
     dv = jnp.zeros(v.shape, f32)
@@ -288,17 +303,17 @@ def _backward_blocks(q, k, v, out, lse, dout, block, window, scale):
         stop = min(start + block, t)
         lo = _key_range(start, stop, window)
         qb, db = q[:, :, start:stop], dout[:, :, start:stop]
-        logits = jnp.einsum("cgth,csh->cgts", qb, k[:, lo:stop], preferred_element_type=f32)
-        p = jnp.exp(logits * f32(scale) - lse[:, :, start:stop, None])
-        p = jnp.where(_visible(start, stop, lo, window), p, f32(0))
-        dv = dv.at[:, lo:stop].add(
-            jnp.einsum("cgts,cgth->csh", p.astype(db.dtype), db, preferred_element_type=f32)
-        )
-        dp = jnp.einsum("cgth,csh->cgts", db, v[:, lo:stop], preferred_element_type=f32)
-        ds = (p * (dp - delta[:, :, start:stop, None]) * f32(scale)).astype(q.dtype)
-        dqs.append(jnp.einsum("cgts,csh->cgth", ds, k[:, lo:stop], preferred_element_type=f32))
-        dk = dk.at[:, lo:stop].add(jnp.einsum("cgts,cgth->csh", ds, qb, preferred_element_type=f32))
-    return jnp.concatenate(dqs, axis=2), dk, dv
+        kb, vb = k[:, lo:stop], v[:, lo:stop]
+        logits_t = jnp.einsum("csh,cgth->csgt", kb, qb)
+        p_t = jnp.exp(logits_t * f32(scale) - lse[:, None, :, start:stop])
+        p_t = jnp.where(_visible(start, stop, lo, window).T[:, None, :], p_t, f32(0))
+        dv = dv.at[:, lo:stop].add(jnp.einsum("csgt,cgth->csh", p_t, db))
+        dp_t = jnp.einsum("csh,cgth->csgt", vb, db)
+        ds_t = p_t * (dp_t - delta[:, None, :, start:stop]) * f32(scale)
+        # (c, H, g, t): XLA then transposes the small key block, not the scores.
+        dqs.append(jnp.einsum("csh,csgt->chgt", kb, ds_t))
+        dk = dk.at[:, lo:stop].add(jnp.einsum("csgt,cgth->csh", ds_t, qb))
+    return jnp.concatenate(dqs, axis=3).transpose(0, 2, 3, 1), dk, dv
 
 
 def _in_steps(fn, chunk, *arrays):
@@ -426,6 +441,7 @@ def _softcapped(q: Array, k: Array, v: Array, mask: Array, scale: Any, cap: floa
 
 
 __all__ = [
+    "BLOCKED_MIN_LENGTH",
     "IMPLS",
     "attention",
     "attention_mask",

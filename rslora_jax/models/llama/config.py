@@ -127,7 +127,8 @@ class LlamaConfig:
     ``scan_layers`` (one ``nn.scan`` over the layers, params stacked on a leading axis),
     ``remat`` (per-layer rematerialisation with the ``jax.checkpoint_policies`` entry named by
     ``remat_policy``; the default saves the projections' matmul outputs and recomputes the rest,
-    attention included) and ``attention_impl`` (None: "blocked" on CPUs, XLA's choice elsewhere;
+    attention included) and ``attention_impl`` (None: "blocked" on CPUs from 256 positions on,
+    XLA's choice elsewhere;
     "xla"/"cudnn": ``implementation`` of :func:`jax.nn.dot_product_attention`; "blocked": the
     flash-style CPU attention of :mod:`rslora_jax.models.attention`). Without remat, the XLA
     attention's (B, H, S, S) probabilities are still recomputed in the backward pass instead of

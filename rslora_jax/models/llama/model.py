@@ -195,7 +195,7 @@ class LlamaAttention(nn.Module):
         def attend(q: Array, k: Array, v: Array) -> Array:
             return attention(q, k, v, window=c.sliding_window, impl=c.attention_impl)
 
-        if materialises_scores(c.attention_impl) and not c.remat:
+        if materialises_scores(c.attention_impl, s) and not c.remat:
             # The XLA path materialises (B, H, S, S) logits and probabilities: recompute them in
             # the backward pass rather than keep them for every layer (cuDNN's fused kernel and
             # the blocked CPU one keep only the log-sum-exp; with remat the whole layer is
