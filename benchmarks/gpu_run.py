@@ -455,8 +455,8 @@ def main(argv=None) -> int:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         run.data["nvidia_smi"] = None
+    ceilings(run)  # first, alone on the device
     warm = peft_warmup(run)
-    ceilings(run)
     r_lo, r_hi = args.ranks
     for name in ("floor", f"lora-{r_lo}-auto", f"lora-{r_lo}-factored"):
         step_config(run, name, profile=True)
