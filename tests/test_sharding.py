@@ -166,6 +166,25 @@ def test_stacked_and_flattened_axes_specs():
     assert specs["heads"]["lora_b"] == P(None, None)
 
 
+def test_opt_state_specs_over_the_whole_tree():
+    """rl.optimizer over base + adapters keeps no state for the base (optax.MaskedNode there):
+    the state's specs put each moment on its adapter's spec and keep the masked nodes."""
+    cfg = rl.LoraConfig(rank=2)
+    base = {"d": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)}}
+    full = rl.init(base, cfg, jax.random.key(0))
+    specs = rl.partition_specs(full, {"d": {"kernel": P("x", "y"), "bias": P()}}, cfg)
+    opt = rl.optimizer(optax.adam(1e-3), full)
+    state = rl.opt_state_specs(opt, full, specs)
+    adam = state.inner_states["adapter"].inner_state[0]
+    assert adam.count == P()
+    for moment in (adam.mu, adam.nu):
+        assert moment["d"]["lora_a"] == P("x", None) and moment["d"]["lora_b"] == P(None, "y")
+        assert isinstance(moment["d"]["kernel"], optax.MaskedNode)
+    assert jax.tree.structure(state, is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(
+        jax.eval_shape(opt.init, full)
+    )
+
+
 def test_missing_base_spec_is_an_error():
     full = rl.init({"d": {"kernel": jnp.ones((4, 4))}}, rl.LoraConfig(rank=2), jax.random.key(0))
     with pytest.raises(ValueError, match="base_specs has no entry for 'd'"):

@@ -206,13 +206,16 @@ def opt_state_specs(
     if leaf_specs and isinstance(leaf_specs[0], NamedSharding):
         replicated = NamedSharding(leaf_specs[0].mesh, PartitionSpec())
     # Per-parameter leaves are found by tree_map_params; the rest (counts, ...) are replicated.
+    # Leaves a transformation keeps no state for (`rslora_jax.optimizer` over the whole tree:
+    # the base, and frozen adapters) are `optax.MaskedNode`s in the state, and stay so.
+    masked = optax.MaskedNode
     specs = optax.tree_map_params(
         tx,
-        lambda _, spec: spec,
+        lambda state, spec: state if isinstance(state, masked) else spec,
         state_shape,
         param_specs,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, (PartitionSpec, NamedSharding)),
+        is_leaf=lambda x: isinstance(x, (PartitionSpec, NamedSharding, masked)),
     )
     return specs
 

@@ -94,6 +94,17 @@ def known_specs() -> dict[str, tuple[LeafSpec, type[Method]]]:
     return out
 
 
+def known_leaf_names() -> set[str]:
+    """Our names of every leaf a registered method with a PEFT format stores (two methods may
+    store different leaves under one PEFT suffix: LoRA's ``lora_a`` and a frozen-A method's)."""
+    return {
+        spec.ours
+        for cls in protocol.methods().values()
+        if cls.peft_fields is not None
+        for spec in specs_of(cls())
+    }
+
+
 # PEFT suffixes we know but cannot represent (named in the error message).
 UNSUPPORTED_SUFFIXES = {
     "lora_embedding_A": "LoRA on an embedding",

@@ -28,7 +28,7 @@ from rslora_jax.hf.peft._format import (
     PEFT_PREFIX,
     PEFT_TASK_TYPES,
     base_modules,
-    known_specs,
+    known_leaf_names,
     leaves_for,
     method_to_peft,
     refuse_without_peft_format,
@@ -132,7 +132,7 @@ def export_peft(
         adapted_paths.add(path)
         _check_export_axes(lora_config, path, holder[KERNEL], module)
         present = {k for k in holder if is_adapter_key(k)}
-        known = {spec.ours for spec, _ in known_specs().values()}
+        known = known_leaf_names()
         unknown = sorted(present - known)
         if unknown:
             raise ValueError(

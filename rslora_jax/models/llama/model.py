@@ -173,7 +173,7 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array | None = None) -> Array:
         c = self.config
         b, s, _ = x.shape
         hd, nq, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
@@ -193,7 +193,9 @@ class LlamaAttention(nn.Module):
         k = _apply_rope(k, cos, sin)
 
         def attend(q: Array, k: Array, v: Array) -> Array:
-            return attention(q, k, v, window=c.sliding_window, impl=c.attention_impl)
+            return attention(
+                q, k, v, window=c.sliding_window, segment_ids=segment_ids, impl=c.attention_impl
+            )
 
         if materialises_scores(c.attention_impl, s) and not c.remat:
             # The XLA path materialises (B, H, S, S) logits and probabilities: recompute them in
@@ -233,11 +235,13 @@ class LlamaDecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, None]:
+    def __call__(
+        self, x: Array, cos: Array, sin: Array, segment_ids: Array | None = None
+    ) -> tuple[Array, None]:
         c = self.config
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         h = RMSNorm(**norm, name="input_layernorm")(x)
-        x = x + LlamaAttention(c, name="self_attn")(h, cos, sin)
+        x = x + LlamaAttention(c, name="self_attn")(h, cos, sin, segment_ids)
         h = RMSNorm(**norm, name="post_attention_layernorm")(x)
         x = x + LlamaMLP(c, name="mlp")(h)
         return x, None
@@ -256,10 +260,10 @@ class _LayerList(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    def __call__(self, x: Array, cos: Array, sin: Array, segment_ids: Array | None) -> Array:
         block = _block_class(self.config)
         for i in range(self.config.num_hidden_layers):
-            x, _ = block(self.config, name=str(i))(x, cos, sin)
+            x, _ = block(self.config, name=str(i))(x, cos, sin, segment_ids)
         return x
 
 
@@ -282,20 +286,22 @@ class LlamaModel(nn.Module):
                 _block_class(c),
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_hidden_layers,
             )(c)
         else:
             self.layers = _LayerList(c)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
 
-    def __call__(self, input_ids: Array, positions: Array) -> Array:
+    def __call__(
+        self, input_ids: Array, positions: Array, segment_ids: Array | None = None
+    ) -> Array:
         x = self.embed_tokens(input_ids)
         cos, sin = _rope_cos_sin(self.config, positions)
         if self.config.scan_layers:
-            x, _ = self.layers(x, cos, sin)
+            x, _ = self.layers(x, cos, sin, segment_ids)
         else:
-            x = self.layers(x, cos, sin)
+            x = self.layers(x, cos, sin, segment_ids)
         return self.norm(x)
 
     def attend(self, hidden: Array) -> Array:
@@ -304,12 +310,17 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama-family causal LM: ``apply({"params": p}, input_ids, positions=None) -> logits``.
+    """Llama-family causal LM: ``apply({"params": p}, input_ids, positions=None,
+    segment_ids=None) -> logits``.
 
     Args (of ``__call__``):
         input_ids: (B, S) integer token ids.
         positions: optional (B, S) or (S,) integer positions for RoPE (default ``arange(S)``). The
             attention mask is causal in sequence order regardless of ``positions``.
+        segment_ids: optional (B, S) integer ids of examples packed in a row (0: padding):
+            attention never crosses from one id to another (`rslora_jax.models.attention`), so
+            with ``positions`` restarting at each example a packed row computes what its
+            examples compute one per row (`rslora_jax.data.pack_examples` makes both).
 
     Returns:
         Logits (B, S, vocab_size) in the compute dtype ``config.dtype`` (float32 by default;
@@ -331,14 +342,21 @@ class LlamaForCausalLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c, c.vocab_size, False, "lm_head")
 
-    def __call__(self, input_ids: Array, positions: Array | None = None) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+    ) -> Array:
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq): got {input_ids.shape}")
         if positions is None:
             positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.asarray(positions), input_ids.shape)
-        hidden = self.model(input_ids, positions)
+        if segment_ids is not None:
+            segment_ids = jnp.broadcast_to(jnp.asarray(segment_ids), input_ids.shape)
+        hidden = self.model(input_ids, positions, segment_ids)
         if self.config.tie_word_embeddings:
             return self.model.attend(hidden)
         return self.lm_head(hidden)
