@@ -186,7 +186,7 @@ def step_config(run: Run, name: str, profile: bool = False) -> dict[str, Any] | 
     elif name.startswith("merge"):
         run.log(
             f"{name}: {rec['ms']:.2f} ms, merge/copy {rec['merge_over_copy']:.2f} "
-            f"(ref {rec['ref_over_copy']:.2f}), nnx {rec.get('nnx_ms')} ms ({rec['process_s']:.0f} s)"
+            f"(ref {rec['ref_over_copy']:.2f}), nnx {rec.get('nnx_ms') or float('nan'):.2f} ms ({rec['process_s']:.0f} s)"
         )
     else:
         run.log(
@@ -234,6 +234,8 @@ def peft_timed(run: Run, rank: int, variant: str) -> None:
         argv.append("--merge")
     if run.args.dry_run:
         argv += ["--steps", "3", "--warmup", "1"]
+    if run.args.size == "tiny":  # tiny runs on the CPU: one thread, as in the interleaved bench
+        argv += ["--threads", "1"]
     t = time.time()
     try:
         subprocess.run(
@@ -360,7 +362,7 @@ def report(run: Run) -> str:
             lines.append(
                 f"{m['config']:26} {m['ms']:9.2f} ms: merge/copy {m['merge_over_copy']:.2f}, "
                 f"product-then-add {m['ref_over_copy']:.2f}, copy {m['copy_ms']:.2f} ms, "
-                f"nnx.merge {m.get('nnx_ms')} ms"
+                f"nnx.merge {m.get('nnx_ms') or float('nan'):.2f} ms"
             )
     # Targets: the best configuration of ours per rank.
     for rank in run.args.ranks:
@@ -416,9 +418,24 @@ def report(run: Run) -> str:
         shown = "-" if got is None else f"{got:.3f}"
         lines.append(f"{key:28} {shown:>10} {goal:>8} {ok}")
     if sweep:
+        lines.append("")
+        lines.append("bench_fused: fused / factored time per projection (rule's pick)")
+        for r in sweep:
+            if "fused_over_factored" in r:
+                lines.append(
+                    f"  {r['d_in']} x {r['d_out']}, {r['tokens']:6d} tokens: "
+                    f"{r['fused_over_factored']:.3f} ({r['rule_picks']})"
+                )
         lines.append(
             f"prefers_fused disagrees with the faster form at (d_in, d_out, tokens): {disagree}"
         )
+    for name, r in steps.items():
+        prof = r.get("profile") or {}
+        if "ms_per_step_by_category" in prof:
+            cats = ", ".join(
+                f"{k} {v:.1f}" for k, v in sorted(prof["ms_per_step_by_category"].items())
+            )
+            lines.append(f"profile {name}: device {prof['device_ms_per_step']:.1f} ms/step: {cats}")
     if d["skipped"]:
         lines.append(f"skipped for the budget: {d['skipped']}")
     return "\n".join(lines)
