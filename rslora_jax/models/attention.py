@@ -200,17 +200,22 @@ def _use_blocked(impl: str | None, length: int | None = None) -> bool:
     return length is None or length >= BLOCKED_MIN_LENGTH
 
 
-def materialises_scores(impl: str | None, length: int | None = None) -> bool:
-    """Whether plain causal `attention` with ``impl`` over ``length`` positions keeps
-    ``(B, N, T, S)`` probabilities for its backward pass on the default backend (XLA's kernel), so
-    that recomputing it in the backward pass (``jax.checkpoint``) saves memory. False for cuDNN
-    and for `blocked_attention`, which keep only the output and a log-sum-exp per query.
+def materialises_scores(impl: str | None, length: int | None = None, masked: bool = False) -> bool:
+    """Whether causal `attention` with ``impl`` over ``length`` positions keeps ``(B, N, T, S)``
+    probabilities for its backward pass on the default backend (XLA's kernel), so that
+    recomputing it in the backward pass (``jax.checkpoint``) saves memory. False for cuDNN and for
+    `blocked_attention`, which keep only the output and a log-sum-exp per query; ``masked`` (the
+    call has segment ids, positions or key validity) takes XLA's masked path whatever ``impl``.
 
     Example:
       >>> materialises_scores("cudnn"), materialises_scores("blocked"), materialises_scores("xla")
       (False, False, True)
+      >>> materialises_scores("blocked", masked=True)
+      True
     """
-    return impl != "cudnn" and not _use_blocked(impl, length)
+    if impl == "cudnn":
+        return False
+    return masked or not _use_blocked(impl, length)
 
 
 def block_plan(groups: int, heads_per_group: int, length: int, devices: int = 1) -> tuple[int, int]:
