@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
         "busy shared machine",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for weights and token batches")
+    p.add_argument(
+        "--serve",
+        default=None,
+        metavar="VARIANT:RANK",
+        help="worker of an interleaved benchmark (benchmarks/_harness.py): build and warm up one "
+        "rsLoRA configuration, e.g. eager:16 or compile:16, then time steps on request",
+    )
     p.add_argument("--json", dest="json_path", default=None, help="write results here")
     return p
 
@@ -172,7 +179,8 @@ def make_args(**overrides: Any) -> argparse.Namespace:
     Args:
         **overrides: attribute names of the parsed namespace (``size``, ``ranks``, ``batch``,
             ``seq``, ``dtype``, ``steps``, ``warmup``, ``device``, ``attn``, ``variants``,
-            ``adapter_dtype``, ``full_finetune``, ``merge``, ``threads``, ``seed``, ``json_path``).
+            ``adapter_dtype``, ``full_finetune``, ``merge``, ``threads``, ``seed``, ``json_path``,
+            ``serve``).
 
     Returns:
         The namespace.
@@ -719,6 +727,54 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def serve_worker(a: argparse.Namespace, variant: str, rank: int) -> None:
+    """Worker of an interleaved benchmark: one rsLoRA configuration, steps timed on request.
+
+    Builds the model, wraps it, runs ``a.warmup`` steps (the compile for ``compile``), then hands
+    a one-step callable to ``_harness.serve`` (which announces ``READY`` with this record).
+
+    Raises:
+        ValueError: on an unknown variant.
+    """
+    import torch
+
+    if variant not in VARIANTS:
+        raise ValueError(f"--serve: variant must be one of {VARIANTS}, got {variant!r}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _harness
+
+    if a.threads is not None:
+        torch.set_num_threads(int(a.threads))
+        torch.set_num_interop_threads(int(a.threads))
+    rec = _base_record(a, "rslora", variant, rank)
+    model = wrap_lora(build_model(a), rank, a)
+    rec["trainable_params"], rec["total_params"] = _param_counts(model)
+    rec["environment"] = environment(a)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
+    forward: Callable[..., Any] = model
+    if variant == "compile":
+        torch._dynamo.reset()
+        forward = torch.compile(model)
+    batches = make_batches(a, 8)
+    t0 = time.perf_counter()
+    for i in range(max(int(a.warmup), 1)):
+        loss = _train_step(forward, optimizer, batches[i % len(batches)])
+    _sync(a.device)
+    rec["warmup_s"] = time.perf_counter() - t0
+    rec["loss_after_warmup"] = float(loss)
+    if variant == "compile":
+        rec["graph_breaks"] = _graph_breaks()
+    count = [0]
+
+    def step() -> None:
+        count[0] += 1
+        _train_step(forward, optimizer, batches[count[0] % len(batches)])
+        _sync(a.device)
+
+    _harness.serve(step, rec)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns 1 if an eager configuration failed, else 0."""
     args = parse_args(argv)
@@ -726,6 +782,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = resolve_args(args)
     except ValueError as exc:
         build_parser().error(str(exc))
+    if a.serve:
+        variant, _, rank = a.serve.partition(":")
+        serve_worker(a, variant, int(rank or a.ranks[0]))
+        return 0
     result = run(a, log=lambda line: print(line, flush=True))
     print()
     print(format_table(result))

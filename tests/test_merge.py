@@ -132,3 +132,34 @@ def test_merge_rejects_factors_that_do_not_fit():
     p = {"d": {"kernel": jnp.ones((4, 6)), "lora_a": jnp.ones((4, 3)), "lora_b": jnp.ones((3, 6))}}
     with pytest.raises(ValueError, match=r"adapter at 'd' has rank 3, but the config says rank 2"):
         rl.merge(p, cfg)
+
+
+@pytest.mark.parametrize("offset", [-29, 0, 8])  # ranks 3, 32 (fused sum) and 40 (matmul)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_merge_is_exact_on_both_sides_of_the_fused_rank(offset, dtype):
+    """Up to FUSED_MERGE_MAX_RANK the update is summed as outer products in one fused
+    expression, above it by a float32 matmul: both accumulate in float32 and cast once. With
+    factors on a 2**-6 grid and scale 1 the float32 result is exact, so both must equal the
+    exact value rounded once to the kernel's dtype (stacked layers too)."""
+    from rslora_jax.ops.merge import FUSED_MERGE_MAX_RANK
+
+    rank = FUSED_MERGE_MAX_RANK + offset
+    rng = np.random.default_rng(rank)
+    cfg = rl.LoraConfig(rank=rank, alpha=float(np.sqrt(rank)), kernel_axes={"s": "lio"})
+    w = np.round(rng.uniform(1, 2, (2, 48, 44)) * 2**10) * 2.0**-10  # every partial sum exact
+    a = rng.integers(-4, 5, (2, 48, rank)) * 2.0**-6
+    b = rng.integers(-4, 5, (2, rank, 44)) * 2.0**-6
+    p = {
+        "s": {
+            "kernel": jnp.asarray(w, dtype),
+            "lora_a": jnp.asarray(a, jnp.float32),
+            "lora_b": jnp.asarray(b, jnp.float32),
+        }
+    }
+    exact = np.asarray(p["s"]["kernel"], np.float64) + a @ b
+    merged = jax.jit(rl.merge, static_argnums=1)(p, cfg)["s"]["kernel"]
+    assert merged.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(merged), np.asarray(jnp.asarray(exact, dtype)))
+    back = rl.unmerge({"s": {"kernel": merged}}, p, cfg)["s"]["kernel"]
+    if dtype == jnp.float32:  # W' - A@B recovers W up to the rounding of W'
+        assert_close(back, np.asarray(p["s"]["kernel"]), rel=1e-6)

@@ -30,7 +30,7 @@ import numpy as np
 
 from rslora_jax.models.rope import Rope, RopeScaling
 
-ATTENTION_IMPLS = (None, "xla", "cudnn")
+ATTENTION_IMPLS = (None, "xla", "cudnn", "blocked")
 FULL, SLIDING = "full_attention", "sliding_attention"
 LAYER_TYPES = (FULL, SLIDING)
 #: transformers' activation names -> ours (the MLP computes ``act(gate) * up``).
@@ -125,8 +125,10 @@ class DecoderConfig:
     Runtime fields: ``dtype`` (compute dtype of activations and logits), ``param_dtype``,
     ``scan_layers`` (one ``nn.scan`` over the layers, params stacked on a leading axis),
     ``remat`` (per-layer rematerialisation with the ``jax.checkpoint_policies`` entry named by
-    ``remat_policy``) and ``attention_impl`` (``implementation`` of
-    :func:`jax.nn.dot_product_attention`: None/"xla"/"cudnn").
+    ``remat_policy``) and ``attention_impl`` (None: "blocked" on CPUs from 256 positions on,
+    XLA's choice elsewhere; "xla"/"cudnn": ``implementation`` of
+    :func:`jax.nn.dot_product_attention`; "blocked": the flash-style CPU attention of
+    :mod:`rslora_jax.models.attention`).
 
     Subclasses set `MODEL_TYPES`, override `flags` (and `rope_for` when layer types differ in
     their RoPE), ``from_hf``, ``to_hf`` and ``tiny``.

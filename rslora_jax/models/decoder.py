@@ -50,7 +50,7 @@ from rslora_jax._types import Array, Params, PRNGKey
 from rslora_jax.core import claim
 from rslora_jax.execution.dispatch import Contraction
 from rslora_jax.frontends.site import group_output, linen_dropout
-from rslora_jax.models.attention import attention
+from rslora_jax.models.attention import attention, materialises_scores
 from rslora_jax.models.rope import apply_rope, cos_sin
 
 # --------------------------------------------------------------------------------------------
@@ -209,10 +209,12 @@ class Attention(nn.Module):
             def run(q: Array, k: Array, v: Array, inputs: LayerInputs) -> Array:
                 return jax.lax.switch(kind, branches, q, k, v, inputs)
 
-        if c.attention_impl != "cudnn" and not c.remat:
+        masked = inputs.segment_ids is not None or a.attn_softcap is not None
+        if materialises_scores(c.attention_impl, s, masked) and not c.remat:
             # The XLA path materialises (B, H, S, S) logits and probabilities: recompute them in
-            # the backward pass rather than keep them for every layer (cuDNN's fused kernel
-            # keeps only the log-sum-exp; with remat the whole layer is recomputed anyway).
+            # the backward pass rather than keep them for every layer (cuDNN's fused kernel and
+            # the blocked CPU one keep only the log-sum-exp; with remat the whole layer is
+            # recomputed anyway).
             run = jax.checkpoint(run)
         out = run(q, k, v, inputs).reshape(b, s, nq * hd)
         (y,) = _projections(self, out, (("o_proj", c.hidden_size, a.o_bias),))

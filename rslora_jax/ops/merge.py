@@ -47,6 +47,39 @@ from rslora_jax.ops.extras import bias_update, fold, unfold
 from rslora_jax.ops.finite import NonFiniteError, nonfinite_paths
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Up to this rank, ``W + scale * A @ B`` is written as one elementwise expression (a sum of
+# ``rank`` outer products) that XLA fuses with the casts around it: each kernel is read once and
+# written once, in its own dtype. Above it, the float32 product ``A @ B`` is computed by a matmul
+# (written out whole, then added), whose ``2 * rank`` FLOPs per element no longer hide behind
+# the memory traffic.
+FUSED_MERGE_MAX_RANK = 32
+
+
+def plus_low_rank(w: jax.Array, a: jax.Array, b: jax.Array, scale: Any) -> jax.Array:
+    """``w + scale * a @ b`` in float32, for ``w`` (*l, d_in, d_out), ``a`` (*l, d_in, r), ``b``
+    (*l, r, d_out).
+
+    Up to rank `FUSED_MERGE_MAX_RANK` the product is summed as ``r`` outer products inside one
+    elementwise expression, so that no ``d_in x d_out`` float32 temporary is written (XLA fuses it
+    with the caller's cast to the kernel's dtype); larger ranks use a float32 matmul at full
+    precision. Both accumulate in float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> plus_low_rank(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), 3.0).tolist()
+      [[3.0, 3.0], [3.0, 3.0]]
+    """
+    f32 = jnp.float32
+    w = w.astype(f32)
+    rank = a.shape[-1]
+    if rank > FUSED_MERGE_MAX_RANK:
+        ab = jnp.matmul(a.astype(f32), b.astype(f32), precision=_HIGHEST)
+        return w + f32(scale) * ab
+    a = a.astype(f32) * f32(scale)
+    b = b.astype(f32)
+    for k in range(rank):
+        w = w + a[..., :, k : k + 1] * b[..., k : k + 1, :]
+    return w
 
 
 def _site(config: LoraConfig, path: str, holder: Mapping[str, Any]) -> Site:
@@ -68,9 +101,8 @@ def site_update(
     a, b, scale = method.pair(leaves, site.path, config, shared)
     f32 = jnp.float32
     w = site.layout.from_kernel(dense(holder[KERNEL], f32))
-    ab = jnp.matmul(a.astype(f32), b.astype(f32), precision=_HIGHEST)
     c = method.column_scale(leaves, site.path, config, w, a, b, scale)
-    return w, w + f32(scale) * ab, None if c is None else c.astype(f32)
+    return w, plus_low_rank(w, a, b, scale), None if c is None else c.astype(f32)
 
 
 def updated_kernel(
@@ -245,9 +277,9 @@ def unmerge(
                     "merge(..., return_column_scales=True)"
                 )
             w = w / jnp.asarray(column_scales[path], f32)[..., None, :]
-        ab = jnp.matmul(a.astype(f32), b.astype(f32), precision=_HIGHEST)
         out = {k: v for k, v in holder.items() if not is_adapter_key(k)}
-        out[KERNEL] = site.layout.to_kernel(w - f32(scale) * ab).astype(holder[KERNEL].dtype)
+        base = plus_low_rank(w, a, b, -scale)
+        out[KERNEL] = site.layout.to_kernel(base).astype(holder[KERNEL].dtype)
         return out
 
     return rebuild(full, unfold_site)
@@ -271,4 +303,12 @@ def merged_kernels(params: PyTree, config: LoraConfig, paths: set[str]) -> PyTre
     return rebuild(params, fold_site, drop_adapters=False)
 
 
-__all__ = ["merge", "merged_kernels", "site_update", "unmerge", "updated_kernel"]
+__all__ = [
+    "FUSED_MERGE_MAX_RANK",
+    "merge",
+    "merged_kernels",
+    "plus_low_rank",
+    "site_update",
+    "unmerge",
+    "updated_kernel",
+]
