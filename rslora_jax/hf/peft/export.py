@@ -134,13 +134,21 @@ def export_peft(
     scanned = fam.is_scanned(params, where)
     model_cfg = fam.config(model_config, scan_layers=scanned, where=where)
     specs = leaves_for(lora_config)
+    # The extras are planned on our tree (members split), as the config names them.
+    extra = export_extras(params, lora_config, fam, model_cfg, scanned, out_dtype, where)
     if fam.fused:  # the checkpoint's fused modules (Phi-3's qkv_proj): adapters joined, exactly
+        if lora_config.lora_bias or lora_config.bias != "none":
+            raise ValueError(
+                f"{where}: bias={lora_config.bias!r}, lora_bias={lora_config.lora_bias} with a "
+                f"family whose checkpoint fuses projections ({type(model_cfg).__name__}): the "
+                "PEFT format would need the members' biases joined, which this export does not "
+                "do; train with bias='none' and lora_bias=False"
+            )
         base_modules(fam, params, model_cfg, where)
         params, lora_config = fuse_adapters(fam, params, lora_config, specs, where)
         fam = fam.fused_view()
     modules = base_modules(fam, params, model_cfg, where)
     holders = adapted_holders(params)
-    extra = export_extras(params, lora_config, fam, model_cfg, scanned, out_dtype, where)
     if not holders and not extra.embeddings:
         raise ValueError(f"{where}: params hold no adapters (no kernel with adapter leaves)")
 
