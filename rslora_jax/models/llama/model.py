@@ -44,6 +44,7 @@ from rslora_jax.core import claim
 from rslora_jax.execution.dispatch import Contraction
 from rslora_jax.frontends.site import group_output, linen_dropout
 from rslora_jax.models.attention import attention
+from rslora_jax.models.cache import KVCache, attend_cached
 from rslora_jax.models.llama.config import LlamaConfig
 
 # --------------------------------------------------------------------------------------------
@@ -168,12 +169,21 @@ def _projections(module: nn.Module, x: Array, specs: tuple[tuple[str, int, bool]
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query causal self-attention with RoPE."""
+    """Grouped-query causal self-attention with RoPE. Returns ``(y, cache)``: with a key/value
+    cache (one layer's `KVCache`, and the new tokens' ``positions``) the new keys and values
+    are written into it and the queries attend over it (`rslora_jax.models.cache`)."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        cache: KVCache | None = None,
+        positions: Array | None = None,
+    ) -> tuple[Array, KVCache | None]:
         c = self.config
         b, s, _ = x.shape
         hd, nq, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
@@ -195,14 +205,22 @@ class LlamaAttention(nn.Module):
         def attend(q: Array, k: Array, v: Array) -> Array:
             return attention(q, k, v, window=c.sliding_window, impl=c.attention_impl)
 
-        if c.attention_impl != "cudnn" and not c.remat:
-            # The XLA path materialises (B, H, S, S) logits and probabilities: recompute them in
-            # the backward pass rather than keep them for every layer (cuDNN's fused kernel
-            # keeps only the log-sum-exp; with remat the whole layer is recomputed anyway).
-            attend = jax.checkpoint(attend)
-        out = attend(q, k, v).reshape(b, s, nq * hd)
-        (y,) = _projections(self, out, (("o_proj", c.hidden_size, c.o_bias),))
-        return y
+        if cache is not None:
+            out, cache = attend_cached(
+                q, k, v, cache, positions, window=c.sliding_window, impl=c.attention_impl
+            )
+        else:
+            if c.attention_impl != "cudnn" and not c.remat:
+                # The XLA path materialises (B, H, S, S) logits and probabilities: recompute
+                # them in the backward pass rather than keep them for every layer (cuDNN's
+                # fused kernel keeps only the log-sum-exp; with remat the whole layer is
+                # recomputed anyway).
+                attend = jax.checkpoint(attend)
+            out = attend(q, k, v)
+        (y,) = _projections(
+            self, out.reshape(b, s, nq * hd), (("o_proj", c.hidden_size, c.o_bias),)
+        )
+        return y, cache
 
 
 class LlamaMLP(nn.Module):
@@ -227,19 +245,28 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm decoder block. Returns ``(x, None)`` so that it can be scanned."""
+    """Pre-norm decoder block. Returns ``(x, cache)`` (the layer's updated key/value cache, or
+    None without one) so that it can be scanned."""
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> tuple[Array, None]:
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        cache: KVCache | None = None,
+        positions: Array | None = None,
+    ) -> tuple[Array, KVCache | None]:
         c = self.config
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         h = RMSNorm(**norm, name="input_layernorm")(x)
-        x = x + LlamaAttention(c, name="self_attn")(h, cos, sin)
+        h, cache = LlamaAttention(c, name="self_attn")(h, cos, sin, cache, positions)
+        x = x + h
         h = RMSNorm(**norm, name="post_attention_layernorm")(x)
         x = x + LlamaMLP(c, name="mlp")(h)
-        return x, None
+        return x, cache
 
 
 def _block_class(config: LlamaConfig) -> Any:
@@ -255,11 +282,23 @@ class _LayerList(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: Array, cos: Array, sin: Array) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        cache: KVCache | None = None,
+        positions: Array | None = None,
+    ) -> tuple[Array, KVCache | None]:
         block = _block_class(self.config)
+        layers = []
         for i in range(self.config.num_hidden_layers):
-            x, _ = block(self.config, name=str(i))(x, cos, sin)
-        return x
+            layer = None if cache is None else cache.layer(i)
+            x, layer = block(self.config, name=str(i))(x, cos, sin, layer, positions)
+            layers.append(layer)
+        if cache is None:
+            return x, None
+        return x, jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
 class LlamaModel(nn.Module):
@@ -281,21 +320,21 @@ class LlamaModel(nn.Module):
                 _block_class(c),
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=c.num_hidden_layers,
             )(c)
         else:
             self.layers = _LayerList(c)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
 
-    def __call__(self, input_ids: Array, positions: Array) -> Array:
+    def __call__(
+        self, input_ids: Array, positions: Array, cache: KVCache | None = None
+    ) -> tuple[Array, KVCache | None]:
+        """``(hidden states, updated cache)`` (the cache None without one)."""
         x = self.embed_tokens(input_ids)
         cos, sin = _rope_cos_sin(self.config, positions)
-        if self.config.scan_layers:
-            x, _ = self.layers(x, cos, sin)
-        else:
-            x = self.layers(x, cos, sin)
-        return self.norm(x)
+        x, cache = self.layers(x, cos, sin, cache, positions)
+        return self.norm(x), cache
 
     def attend(self, hidden: Array) -> Array:
         """Logits through the (tied) input embedding."""
@@ -308,11 +347,18 @@ class LlamaForCausalLM(nn.Module):
     Args (of ``__call__``):
         input_ids: (B, S) integer token ids.
         positions: optional (B, S) or (S,) integer positions for RoPE (default ``arange(S)``). The
-            attention mask is causal in sequence order regardless of ``positions``.
+            attention mask is causal in sequence order regardless of ``positions`` (without a
+            cache).
+        cache: optional `rslora_jax.models.cache.KVCache`: the new tokens' keys and values are
+            written at their positions and attention is causal by position over the cache
+            (decoding; see `rslora_jax.models.cache`).
+        logits_index: optional (B,) index into the sequence: logits only there (e.g. each
+            row's last prompt token after a prefill), shape (B, 1, vocab_size).
 
     Returns:
         Logits (B, S, vocab_size) in the compute dtype ``config.dtype`` (float32 by default;
-        bfloat16 logits keep memory low, :func:`causal_lm_loss` upcasts to float32).
+        bfloat16 logits keep memory low, :func:`causal_lm_loss` upcasts to float32); with a
+        cache, ``(logits, updated cache)``.
 
     Example:
         >>> cfg = LlamaConfig.tiny()
@@ -330,17 +376,28 @@ class LlamaForCausalLM(nn.Module):
         if not c.tie_word_embeddings:
             self.lm_head = _dense(c, c.vocab_size, False, "lm_head")
 
-    def __call__(self, input_ids: Array, positions: Array | None = None) -> Array:
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+        logits_index: Array | None = None,
+    ) -> Any:
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq): got {input_ids.shape}")
         if positions is None:
             positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.asarray(positions), input_ids.shape)
-        hidden = self.model(input_ids, positions)
+        hidden, new_cache = self.model(input_ids, positions, cache)
+        if logits_index is not None:
+            index = jnp.asarray(logits_index, jnp.int32).reshape(-1, 1, 1)
+            hidden = jnp.take_along_axis(hidden, index, axis=1)
         if self.config.tie_word_embeddings:
-            return self.model.attend(hidden)
-        return self.lm_head(hidden)
+            logits = self.model.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return logits if cache is None else (logits, new_cache)
 
 
 # --------------------------------------------------------------------------------------------
