@@ -39,7 +39,8 @@ import numpy as np
 
 from rslora_jax._types import Array, Params, PRNGKey
 from rslora_jax.core.config import LoraConfig
-from rslora_jax.core.tree import adapted_holders, adapter_leaves, split
+from rslora_jax.core.sites import layout_for
+from rslora_jax.core.tree import KERNEL, adapted_holders, adapter_leaves, split
 from rslora_jax.frontends.linen import lora
 from rslora_jax.generate.sampling import SamplingConfig, next_tokens
 from rslora_jax.models.cache import constrain_cache, init_cache
@@ -107,18 +108,19 @@ def _check_prompts(prompts: Sequence[Sequence[int]], config: Any, max_new: int) 
 
 
 def _stack_size(params: Params, lora_config: LoraConfig) -> int:
-    """The number of stacked adapters (the adapter axis of an ``a``-layout leaf)."""
+    """The number of stacked adapters (the axis after the layer axes of an ``a``-layout leaf)."""
     names = [n for n, leaf in lora_config.method.leaves.items() if leaf.layout == "a"]
     for path, holder in adapted_holders(params):
+        layers = len(layout_for(lora_config, path, holder[KERNEL]).layer_shape)
         for name, leaf in adapter_leaves(holder).items():
             if name in names:
-                if leaf.ndim < 3:
+                if leaf.ndim != layers + 3:
                     raise ValueError(
                         f"adapter_index: the adapters at {path!r} are not stacked ({name} has "
                         f"shape {tuple(leaf.shape)}); stack them with "
                         "rslora_jax.ops.stack.stack_adapters"
                     )
-                return int(leaf.shape[-3])
+                return int(leaf.shape[layers])
     raise ValueError("adapter_index: the params hold no stacked adapters")
 
 
