@@ -42,9 +42,9 @@ def _median_ms(fn, args, steps: int) -> float:
 def measure(d_in: int, d_out: int, rank: int, tokens: int, dtype: str, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
+    from rslora_jax.lowrank import lowrank
 
     from rslora_jax.fused import merged_matmul
-    from rslora_jax.lowrank import lowrank
 
     k = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(k[0], (tokens, d_in), dtype)

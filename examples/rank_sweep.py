@@ -17,10 +17,10 @@ and prints the table. ``||dL/dB||`` is the Frobenius norm of the gradient of all
 a least-squares fit of ``log ||dL/dB||`` against ``log r``. Expected: about -0.5 for LoRA and
 about 0 for rsLoRA.
 
-Methods (``--methods``, extensible through `METHODS`): ``lora``, ``rslora``, and where
-`rslora_jax.LoraConfig` has RaSA, ``rasa`` (rank sharing across layers, the paper's
-``alpha / (2(r-k))`` diagonal) and ``rasa-rs`` (our rank-stabilised diagonal,
-``alpha / (2 sqrt(r-k))``).
+Methods (``--methods``, extensible through `METHODS`): ``lora``, ``rslora``, ``rasa`` (rank
+sharing across layers, `rslora_jax.RaSA`, with the RaSA paper's ``alpha / (2(r-k))`` diagonal)
+and ``rasa-rs`` (the same with our rank-stabilised diagonal, ``alpha / (2 sqrt(r-k))``, which
+neither paper has). All four run by default.
 
 Usage::
 
@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -55,7 +54,6 @@ from rslora_jax.hf import load_pretrained, load_tokenizer  # noqa: E402
 from rslora_jax.models import LlamaForCausalLM, causal_lm_loss  # noqa: E402
 
 DEFAULT_MODEL = REPO / "rslora_jax" / "assets" / "base"
-HAS_RASA = "rasa" in {f.name for f in dataclasses.fields(rl.LoraConfig)}
 # Every linear layer of the scanned Llama; its kernels are (layer, in, out).
 COMMON: dict[str, Any] = {"targets": "all-linear", "kernel_axes": {"model/layers/.*": "lio"}}
 
@@ -64,12 +62,15 @@ METHODS: dict[str, Callable[[int, float], rl.LoraConfig]] = {
     "lora": lambda r, alpha: rl.LoraConfig(rank=r, alpha=alpha, scaling="lora", **COMMON),
     "rslora": lambda r, alpha: rl.LoraConfig(rank=r, alpha=alpha, scaling="rslora", **COMMON),
 }
-if HAS_RASA:
-    METHODS["rasa"] = lambda r, alpha: rl.LoraConfig(rank=r, alpha=alpha, rasa=True, **COMMON)
-    METHODS["rasa-rs"] = lambda r, alpha: rl.LoraConfig(
-        rank=r, alpha=alpha, rasa=True, rasa_init="rslora", **COMMON
-    )
-DEFAULT_METHODS = "lora,rslora,rasa" if HAS_RASA else "lora,rslora"
+METHODS["rasa"] = lambda r, alpha: rl.LoraConfig(
+    rank=r, alpha=alpha, method=rl.RaSA(init="paper"), **COMMON
+)
+METHODS["rasa-rs"] = lambda r, alpha: rl.LoraConfig(
+    rank=r, alpha=alpha, method=rl.RaSA(init="rslora"), **COMMON
+)
+DEFAULT_METHODS = "lora,rslora,rasa,rasa-rs"
+#: RaSA is part of the library (`rslora_jax.RaSA`): always swept.
+HAS_RASA = True
 PAPER_SLOPES = {"lora": -0.5, "rslora": 0.0}
 
 
@@ -150,7 +151,11 @@ def run_one(
     return {
         "method": method,
         "rank": rank,
-        "scale": config.scale_for("model/layers/self_attn/q_proj") if not config.rasa else None,
+        "scale": (
+            config.scale_for("model/layers/self_attn/q_proj")
+            if config.method.name != "rasa"
+            else None
+        ),
         "adapter_parameters": rl.num_adapter_params(adapters),
         "first_loss": losses[0],
         "final_loss": float(np.mean(losses[-tail:])),

@@ -5,7 +5,8 @@ Pure functions add adapter factors to a Flax parameter tree (`init`), run the mo
 (`partition_specs`), checkpoint them (`save_adapters`, `CheckpointManager`) and fold them back
 into a plain tree for serving (`merge`). Methods (`rslora_jax.methods`): LoRA/rsLoRA (default),
 RaSA rank sharing, DoRA; initialisers Kaiming, Gaussian, PiSSA, OLoRA; LoRA+
-(``optimizer(..., lora_plus_ratio=...)``). Models and Hugging Face interop live in
+(``optimizer(..., lora_plus_ratio=...)``). A frozen base can be stored quantized (`quantize`:
+int8, QLoRA's nf4, fp8), dequantized per layer inside the adapted matmul. Models and Hugging Face interop live in
 `rslora_jax.models` and `rslora_jax.hf`.
 
 The package is layered (see the README's Layout): `core` (config, paths, tree operations, the
@@ -34,6 +35,13 @@ from rslora_jax.ops.checkpoint import (
 from rslora_jax.ops.init import init, init_adapters, principal_init
 from rslora_jax.ops.merge import merge, unmerge
 from rslora_jax.ops.optim import lora_plus_labels, optimizer
+from rslora_jax.ops.quantize import (
+    QuantizedArray,
+    base_bytes,
+    dequantize,
+    is_quantized,
+    quantize,
+)
 from rslora_jax.ops.sharding import factor_specs, opt_state_specs, partition_specs
 
 __version__ = "0.1.0"
@@ -44,14 +52,18 @@ __all__ = [
     "DoRA",
     "LoRA",
     "LoraConfig",
+    "QuantizedArray",
     "RaSA",
     "adapter_paths",
+    "base_bytes",
     "combine",
+    "dequantize",
     "factor_specs",
     "infer_kernel_axes",
     "init",
     "init_adapters",
     "is_adapter_path",
+    "is_quantized",
     "load_adapters",
     "lora",
     "lora_plus_labels",
@@ -62,6 +74,7 @@ __all__ = [
     "optimizer",
     "partition_specs",
     "principal_init",
+    "quantize",
     "rasa",
     "register_dense_like",
     "save_adapters",

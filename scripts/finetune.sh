@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: fine-tune a causal LM with rsLoRA adapters. With no arguments: the built-in base
-# model on the built-in offline corpus (a few minutes on a CPU). Every argument is passed on to
+# model instruction-tuned on the built-in offline instruction set (questions about standard-library
+# APIs answered from their docstrings; a few minutes on a CPU). Every argument is passed on to
 #
 #   python -m rslora_jax.finetune      (see --help)
 #

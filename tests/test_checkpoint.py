@@ -11,9 +11,9 @@ import optax
 import pytest
 
 import rslora_jax as rl
-from rslora_jax import _files
 from rslora_jax.checkpoint import CheckpointError
 from tests import _models as M
+from tests._faults import die_between_renames
 
 pytestmark = pytest.mark.loose_dtypes  # optax Adam (see test_optim)
 
@@ -169,15 +169,7 @@ def test_crash_between_renames_keeps_a_complete_checkpoint(setup, tmp_path, monk
     rl.save_adapters(tmp_path / "ad", params, CFG)
     newer = rl.combine(jax.tree.map(lambda x: x + 1, rl.split(params)[0]), base)
 
-    class Killed(BaseException):
-        pass
-
-    def die(new, target):
-        raise Killed
-
-    monkeypatch.setattr(_files, "_exchange", lambda a, b: False)
-    monkeypatch.setattr(_files, "_move_in", die)
-    monkeypatch.setattr(_files, "_move_back", lambda target: None)  # a dead process undoes nothing
+    Killed = die_between_renames(monkeypatch)
     with pytest.raises(Killed):
         rl.save_adapters(tmp_path / "ad", newer, CFG)
     monkeypatch.undo()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rslora_jax import _files
+from tests._faults import die_between_renames
 
 
 def _write_generation(directory: Path, gen: int, names=("a", "b", "c")) -> None:
@@ -97,27 +98,12 @@ def test_error_in_second_rename_keeps_old_directory(tmp_path, monkeypatch):
     assert not _files.old_sibling(target).exists()
 
 
-def _die_between_renames(monkeypatch) -> None:
-    """Makes the next fallback swap stop after its first rename, as a killed process would."""
-
-    class Killed(BaseException):
-        pass
-
-    def killed(new, target):
-        raise Killed
-
-    monkeypatch.setattr(_files, "_exchange", lambda a, b: False)
-    monkeypatch.setattr(_files, "_move_in", killed)
-    monkeypatch.setattr(_files, "_move_back", lambda target: None)  # a dead process undoes nothing
-    return Killed
-
-
 def test_crash_between_renames_is_recovered(tmp_path, monkeypatch):
     target = tmp_path / "ckpt"
     _write_generation(target, 1)
     new = tmp_path / ".ckpt.new"
     _write_generation(new, 2)
-    killed = _die_between_renames(monkeypatch)
+    killed = die_between_renames(monkeypatch)
     with pytest.raises(killed):
         _files.swap_directory(new, target)
     assert not target.exists() and _files.old_sibling(target).is_dir()  # the crash window
@@ -139,7 +125,7 @@ def test_next_swap_recovers_and_cleans_up(tmp_path, monkeypatch):
 
     new3 = tmp_path / ".ckpt.new3"
     _write_generation(new3, 3)
-    killed = _die_between_renames(monkeypatch)
+    killed = die_between_renames(monkeypatch)
     with pytest.raises(killed):
         _files.swap_directory(new3, target)
     monkeypatch.undo()

@@ -361,9 +361,10 @@ def _check_exports_are_written_once_and_match_one_process(runs):
     lead, other = runs.jobs["two"].output
     assert "done: 6 steps" in lead and "outputs in" in lead and "(cpu, 2 processes)" in lead
     assert "done:" not in other and "held-out loss" not in other
-    # No temporary directories left behind by the processes' writes.
+    # No temporary directories left behind by the processes' writes (tb: process 0's
+    # TensorBoard events).
     assert sorted(p.name for p in two.iterdir()) == sorted(
-        ["adapters", "checkpoints", "loss.png", "merged", "metrics.json", "peft", "run.json"]
+        ["adapters", "checkpoints", "loss.png", "merged", "metrics.json", "peft", "run.json", "tb"]
     )
 
 

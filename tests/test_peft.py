@@ -29,12 +29,12 @@ from peft.utils.other import get_pattern_key
 from safetensors.numpy import load_file, save_file
 
 import rslora_jax as rl
-from rslora_jax import _files
 from rslora_jax.hf import flax_module_path, load_pretrained
 from rslora_jax.hf import io as hf_io
 from rslora_jax.hf.peft import PeftFormatWarning, export_peft, import_peft
 from rslora_jax.models import LlamaConfig, LlamaForCausalLM, convert_scan, init_params
 from tests._asserts import assert_close, rel_error
+from tests._faults import die_between_renames
 from tests._torch_ref import IDS, TINY, VOCAB, torch_logits, torch_model
 
 RTOL = 1e-5  # max |ours - PEFT| / max |PEFT logits|
@@ -789,15 +789,7 @@ def test_export_crash_between_renames_never_mixes(llama, tmp_path, monkeypatch):
     (target / "README.md").write_text("kept")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
 
-    class Killed(BaseException):
-        pass
-
-    def die(new, target):
-        raise Killed
-
-    monkeypatch.setattr(_files, "_exchange", lambda a, b: False)
-    monkeypatch.setattr(_files, "_move_in", die)
-    monkeypatch.setattr(_files, "_move_back", lambda target: None)  # a dead process undoes nothing
+    Killed = die_between_renames(monkeypatch)
     with pytest.raises(Killed):
         export_peft(target, _random_adapters(base, new_cfg, seed=22), new_cfg, config)
     monkeypatch.undo()

@@ -17,11 +17,19 @@ per layer and per call:
 ``mode="fused"`` fuses wherever possible, ``"factored"`` never fuses, ``"auto"`` fuses when the
 call holds enough tokens (`prefers_fused`). With a per-row adapter index (``rows``: several
 adapters in one batch, the factors stacked on a leading adapter axis) the call is factored, each
-row of the input with its own factors (`per_row_outputs`). Layers no frontend can describe are merged by the
-linen frontend (``rslora_jax.lora``'s merged fallback). A column rescale ``c`` (DoRA's
+row of the input with its own factors (`per_row_outputs`). Layers no frontend can describe are
+merged by the linen frontend (``rslora_jax.lora``'s merged fallback). A column rescale ``c`` (DoRA's
 ``m / ||W + scale*A@B||``) multiplies the output columns of ``x @ (W + scale*A@B)`` (fused) or
 is applied as PEFT does it, ``y + (c - 1) * (x_d @ W) + c * scale * (x_d @ A) @ B`` with ``x_d``
 the dropped-out input (factored).
+
+A kernel may be quantized (`rslora_jax.execution.quant.QuantizedArray`, a QLoRA-style frozen
+base): the same `Contraction` carries it and the same rule picks the path. Fused forms
+``dequant(Wq) + scale * A @ B`` per layer and call; factored computes
+``x @ dequant(Wq) + scale * (x @ A) @ B``, the first product by
+`rslora_jax.execution.quant.quantized_einsum` (its backward pass recomputes the dequantized
+kernel rather than keeping it). A layer's own call cannot read a quantized kernel, so its base
+output is always ``lin.plain`` (the layer's einsum).
 
 Pure math on arrays: no imports of ours outside `rslora_jax.execution`.
 """
@@ -44,6 +52,7 @@ from rslora_jax.execution.lowrank import (
     grouped_lowrank,
     lowrank,
 )
+from rslora_jax.execution.quant import dense, is_quantized, quantized_einsum
 
 MODES = ("auto", "factored", "fused")
 
@@ -86,7 +95,7 @@ class Contraction:
 
     Attributes:
       eq: ``(xs, ks, rs)``: the einsum's input, kernel and output axes (explicit, no '...').
-      kernel: the kernel, as the layer stores it.
+      kernel: the kernel, as the layer stores it (an array or a `QuantizedArray`).
       bias: added to the output, broadcastable against it (already reshaped), or None.
       dtype: the compute dtype (None: the result type of the input, kernel and bias).
       precision: the matmul precision.
@@ -111,7 +120,8 @@ class Contraction:
     def compute_dtype(self, x: jax.Array) -> Any:
         if self.dtype is not None:
             return jnp.dtype(self.dtype)
-        return jnp.result_type(x, self.kernel, *(() if self.bias is None else (self.bias,)))
+        kernel = self.kernel.dtype if is_quantized(self.kernel) else self.kernel
+        return jnp.result_type(x, kernel, *(() if self.bias is None else (self.bias,)))
 
     def view(self, x: jax.Array) -> View | None:
         """The matmul view of this call, or None where it needs a transpose or has layer axes."""
@@ -138,12 +148,15 @@ class Contraction:
         )
 
     def plain(self, x: jax.Array, with_bias: bool = True) -> jax.Array:
-        """``einsum(eq, x, W) (+ bias)`` in the compute dtype."""
+        """``einsum(eq, x, W) (+ bias)`` in the compute dtype (a quantized ``W`` dequantized
+        inside `quantized_einsum`)."""
         dtype = self.compute_dtype(x)
         xs, ks, rs = self.eq
-        y = jnp.einsum(
-            f"{xs},{ks}->{rs}", x.astype(dtype), self.kernel.astype(dtype), precision=self.precision
-        )
+        eq = f"{xs},{ks}->{rs}"
+        if is_quantized(self.kernel):
+            y = quantized_einsum(eq, x, self.kernel, dtype, self.precision)
+        else:
+            y = jnp.einsum(eq, x.astype(dtype), dense(self.kernel, dtype), precision=self.precision)
         if with_bias and self.bias is not None:
             y = y + self.bias.astype(dtype)
         return y
@@ -251,7 +264,8 @@ def adapted(
       x: the layer's input.
       lin: the layer as a `Contraction`.
       pair: ``(A, B, scale)``: the update is ``scale * A @ B`` (``A`` ``(*l, d_in, r)``).
-      base: the layer's own call on an input (with bias); default ``lin.plain``.
+      base: the layer's own call on an input (with bias); default ``lin.plain`` (always, for
+        a quantized kernel).
       col: the column rescale ``(*l, d_out)`` or None.
       mode: ``"auto"``, ``"fused"`` or ``"factored"``.
       dropout: the adapter input's dropout, when active (forces the factored path).
@@ -324,7 +338,8 @@ def adapted_group(
         outs = [_factored_delta(xd, lin, p, dtype) for xd, lin, p in zip(xds, lins, pairs)]
     result = []
     for lin, base, col, xd, out in zip(lins, bases, cols, xds, outs):
-        y = base(x) if base is not None else lin.plain(x)
+        own = base is not None and not is_quantized(lin.kernel)
+        y = base(x) if own else lin.plain(x)
         result.append(_combine(x, xd, y, out, lin, col))
     return result
 
@@ -414,7 +429,8 @@ def per_row_outputs(
     result = []
     for lin, v, (_, b, s), xa, base, col, xd in zip(lins, views, pairs, xas, bases, cols, xs):
         out = jnp.einsum("btr,bro->bto", xa * jnp.asarray(s, dtype), gathered(b))
-        y = base(x) if base is not None else lin.plain(x)
+        own = base is not None and not is_quantized(lin.kernel)
+        y = base(x) if own else lin.plain(x)
         y3 = y.reshape(y.shape[0], -1, v.d_out)
         if col is None:
             y3 = y3 + out.astype(y.dtype)

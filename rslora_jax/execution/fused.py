@@ -16,6 +16,10 @@ more tokens than the layer has features, forming ``W + gamma * A @ B`` on the fl
   custom JVP rule in factored form would allow both, but measured slower here (XLA's byte estimate
   of the tiny CPU step at 4x512: 2.42 GB against 2.31 GB; factored 2.53 GB).
 
+A kernel may be a quantized frozen base (`rslora_jax.execution.quant.QuantizedArray`): ``W``
+is then ``dequant(Wq)``, formed in float32 with the update, in the forward pass and again in the
+backward pass (still no kernel-sized residual), and its cotangent is zero (it is frozen).
+
 The result equals the factored forward up to rounding in the compute dtype (tested). Several
 projections that read the same input (q/k/v, gate/up) are one call: ``x @ [A_1 | A_2 | ...]``
 and ``x^T @ [g_1 | g_2 | ...]`` are single matmuls.
@@ -30,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rslora_jax.execution.quant import dense, is_quantized, zero_cotangent
+
 _F32 = jnp.float32
 
 
@@ -39,7 +45,7 @@ def _merged(w, a, b, scale: float, dtype: Any, precision: Any) -> jax.Array:
     256 would cost more than the adapters' other matmuls together), accumulated and added to
     ``W`` in float32, cast once."""
     ab = _mm(a.astype(dtype), b.astype(dtype), precision, out=_F32)
-    return (w.astype(_F32) + ab * _F32(scale)).astype(dtype)
+    return (dense(w, _F32) + ab * _F32(scale)).astype(dtype)
 
 
 def _mm(x: jax.Array, y: jax.Array, precision: Any, out: Any = None) -> jax.Array:
@@ -109,7 +115,10 @@ def _group_bwd(scales, dtype, precision, res, dys):
         da_s.append(da_cat[:, offset : offset + r].astype(a.dtype))
         xa_j = xa[..., offset : offset + r]
         db_s.append((_tmm(xa_j, dy, precision) * _F32(s)).astype(b.dtype))
-        dw_s.append(_tmm(xc, dy, precision).astype(w.dtype))
+        if is_quantized(w):
+            dw_s.append(zero_cotangent(w))  # a quantized base is frozen
+        else:
+            dw_s.append(_tmm(xc, dy, precision).astype(w.dtype))
         offset += r
     return dx.astype(x.dtype), tuple(dw_s), tuple(da_s), tuple(db_s)
 
@@ -132,7 +141,8 @@ def merged_matmul(
 
     Args:
       x: the input, ``(..., d_in)``.
-      kernels: one ``(d_in, d_out_j)`` kernel per projection.
+      kernels: one ``(d_in, d_out_j)`` kernel per projection: an array, or a quantized base
+        (`rslora_jax.execution.quant.QuantizedArray`, dequantized per call).
       factors: one ``(A_j, B_j)`` pair per projection, ``(d_in, r_j)`` and ``(r_j, d_out_j)``.
       scales: the adapter scale ``gamma_j`` of each projection (static floats).
       dtype: the compute dtype (the layer's ``dtype``); the merged kernel is formed in float32

@@ -24,6 +24,11 @@ neither can compute. Which layers the interceptor handles is found once per inpu
 an abstract trace (`jax.eval_shape`), so it costs no FLOPs. Active adapter dropout
 (``rngs={"lora_dropout": key}``) makes the layers factored; ``mode="merged"`` refuses it.
 
+A quantized base (`rslora_jax.quantize`: int8, nf4, fp8 kernels) runs through the same
+interceptor: adapted layers dequantize inside the dispatch's matmul, layers without an adapter
+compute their einsum with the kernel dequantized per call (so ``lora`` must wrap the apply even
+where nothing is adapted), and ``mode="merged"`` dequantizes the whole tree.
+
 Methods come in through the protocol (`rslora_jax.frontends.site`): the method's factor pair
 (RaSA: ``[A_i | A_S], diag(d_i) [B_i ; B_S]`` with scale 1; the top-level ``lora_shared`` pools
 are taken out of the params before the model runs and handed to the interceptor, so they reach
@@ -53,6 +58,7 @@ from rslora_jax.core.tree import (
 )
 from rslora_jax.execution.dispatch import Contraction, adapted
 from rslora_jax.execution.lowrank import einsum_roles
+from rslora_jax.execution.quant import is_quantized
 from rslora_jax.frontends.site import DROPOUT_RNG, linen_dropout, method_inputs
 from rslora_jax.ops.merge import merge, merged_kernels
 
@@ -184,6 +190,21 @@ def _describe(
     )
 
 
+def _quantized_call(module: nn.Module, args: tuple, kwargs: dict, config: LoraConfig) -> Any:
+    """A layer with a quantized kernel (`rslora_jax.quantize`) and no adapter: its einsum with
+    the kernel dequantized inside the matmul (the layer's own call cannot read the codes)."""
+    desc = _describe(module, args, kwargs, config)
+    if desc is None:
+        raise ValueError(
+            f"the kernel at {join_path(module.path)!r} is quantized, but its "
+            f"{type(module).__name__} layer is not one rslora_jax.lora can compute (Dense, "
+            "DenseGeneral, Einsum or a registered Dense-like module): exclude it from "
+            "rslora_jax.quantize"
+        )
+    x, lin = desc
+    return lin.plain(x)
+
+
 def _adapted(module: nn.Module) -> bool:
     return is_adapted(module.variables.get("params", {}))
 
@@ -199,16 +220,27 @@ def _interceptor(
 ):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not _adapted(module):
+        if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
+        quantized = is_quantized(_param(module, "kernel"))
+        if not _adapted(module):
+            return (
+                _quantized_call(module, args, kwargs, config)
+                if quantized
+                else (next_fun(*args, **kwargs))
+            )
         desc = _describe(module, args, kwargs, config)
         path = join_path(module.path)
         if desc is None or path in skip:
-            return next_fun(*args, **kwargs)
+            return (
+                _quantized_call(module, args, kwargs, config)
+                if quantized
+                else (next_fun(*args, **kwargs))
+            )
         handled.add(path)
         ctx = claim.active()
         if (ctx is not None and path in ctx.claimed) or not compute:
-            return next_fun(*args, **kwargs)
+            return desc[1].plain(desc[0]) if quantized else next_fun(*args, **kwargs)
         x, lin = desc
         leaves = adapter_leaves(module.variables.get("params", {}))
         pair, col = method_inputs(config, leaves, path, shared, lin, rows)

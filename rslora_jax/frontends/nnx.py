@@ -56,6 +56,9 @@ output. Extra leading kernel axes (layers stacked by ``nnx.vmap`` and run with `
 are layer axes. `kernel_axes` returns them, for core functions that need
 ``LoraConfig(kernel_axes=...)`` on kernels with more than two axes.
 
+A quantized base (`rslora_jax.frontends.nnx_quant.quantize_model`) is read by the same layers:
+the dispatch dequantizes each kernel inside the adapted matmul.
+
 (Longer than this package's usual module: it is one frontend, the layer classes and the graph
 operations that attach, merge, read and write their variables, about half of it docstrings.)
 """
@@ -82,6 +85,7 @@ from rslora_jax.core.protocol import shared_key_owner
 from rslora_jax.core.tree import KERNEL, get, is_adapter_key, set_in
 from rslora_jax.execution.dispatch import Contraction, adapted, fuses
 from rslora_jax.execution.lowrank import einsum_roles
+from rslora_jax.execution.quant import is_quantized
 from rslora_jax.frontends.site import method_inputs
 from rslora_jax.ops.init import init_adapters, principal_init
 from rslora_jax.ops.merge import merge as merge_params
@@ -291,10 +295,14 @@ _LORA_CLASSES: dict[type, type] = {
     nnx.Einsum: LoraEinsum,
 }
 _SUBCLASSES: dict[type, type] = {}
+# Layers whose kernel is quantized and that have no adapter (`rslora_jax.frontends.nnx_quant`):
+# plain class <-> its quantized-kernel class.
+QUANT_CLASSES: dict[type, type] = {}
 
 
 def _lora_class(cls: type) -> type | None:
     """The LoRA-aware class for a layer class, or None if it cannot be adapted."""
+    cls = next((plain for plain, q in QUANT_CLASSES.items() if q is cls), cls)
     if cls in _LORA_CLASSES:
         return _LORA_CLASSES[cls]
     for base, lora_cls in _LORA_CLASSES.items():
@@ -760,7 +768,10 @@ def _strip(module: Any) -> None:
     for name in names:
         if name in vars(module):
             delattr(module, name)
-    _set_class(module, _base_class(type(module)))
+    plain = _base_class(type(module))
+    if is_quantized(module.kernel.get_raw_value()) and plain in QUANT_CLASSES:
+        plain = QUANT_CLASSES[plain]  # adapters removed from a quantized layer
+    _set_class(module, plain)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))

@@ -20,6 +20,7 @@ from rslora_jax.core.layout import KernelLayout
 from rslora_jax.core.protocol import check_leaf_names
 from rslora_jax.core.tree import adapter_leaves
 from rslora_jax.execution.dispatch import Contraction, adapted_group
+from rslora_jax.execution.quant import dense
 
 DROPOUT_RNG = "lora_dropout"
 
@@ -65,7 +66,8 @@ def method_inputs(
         )
     col = None
     if method.rescales_columns:
-        col = method.column_scale(leaves, path, config, lay.from_kernel(lin.kernel), a, b, scale)
+        w = lay.from_kernel(dense(lin.kernel, lin.kernel.dtype))  # a quantized base: this layer's
+        col = method.column_scale(leaves, path, config, w, a, b, scale)
     return (a, b, scale), col
 
 

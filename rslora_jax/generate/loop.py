@@ -44,6 +44,7 @@ from rslora_jax.core.tree import KERNEL, adapted_holders, adapter_leaves, split
 from rslora_jax.frontends.linen import lora
 from rslora_jax.generate.sampling import SamplingConfig, next_tokens
 from rslora_jax.models.cache import constrain_cache, init_cache
+from rslora_jax.ops.quantize import quantized_paths
 
 #: Prompts are right-padded to a multiple of this (fewer compilations for nearby lengths).
 PAD_MULTIPLE = 16
@@ -163,7 +164,7 @@ def generate(
       model: a built-in causal LM (e.g. ``LlamaForCausalLM(config)``): its ``apply`` takes a
         ``cache`` (`rslora_jax.models.cache`).
       params: its parameters: a plain or merged tree, or one with adapter leaves (then
-        `lora_config` is needed).
+        `lora_config` is needed); the base may be quantized (`rslora_jax.quantize`).
       prompts: token-id sequences, of any lengths.
       sampling: how many tokens and how to pick them (default: 32 greedy tokens).
       lora_config: the adapters' config, when `params` hold adapters.
@@ -253,10 +254,13 @@ def generate(
     if index is not None:
         idx = np.zeros((batch,), np.int32)
         idx[:n] = index
+    wrap = lora_config if adapters else None
+    if wrap is None and quantized_paths(params):  # a quantized base runs through `lora`
+        wrap = lora_config or LoraConfig()
     run = _program(
         type(model),
         config,
-        lora_config if adapters else None,
+        wrap,
         mode,
         sampling,
         mesh,

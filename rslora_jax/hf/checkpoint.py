@@ -48,6 +48,7 @@ from rslora_jax.models.families import (
     flax_module_path,
     hf_module_name,
 )
+from rslora_jax.ops.quantize import check_plain
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -238,6 +239,7 @@ def load_pretrained(
     param_dtype: Any = jnp.float32,
     scan_layers: bool = True,
     shardings: Any = None,
+    transform: Callable[[str, jax.Array], Any] | None = None,
     **runtime: Any,
 ) -> tuple[Any, Params]:
     """Loads a Hugging Face checkpoint directory (Llama, Mistral, Qwen2) into our params tree.
@@ -256,6 +258,11 @@ def load_pretrained(
             params (or one Sharding for all leaves). Each array is assembled directly on its
             sharding from the slices each device needs; without it, every array goes to the
             default device.
+        transform: called on each leaf once it is on its devices, with its '/'-joined path
+            (``model/layers/self_attn/q_proj/kernel``); its result is stored instead, before
+            the next leaf is read (e.g. `rslora_jax.ops.quantize.loader_transform`, which
+            quantizes the kernels while the checkpoint streams, so at most one leaf is held in
+            full precision).
         **runtime: other runtime fields of the family's config (for
             :class:`~rslora_jax.models.LlamaConfig`: ``remat``, ``attention_impl``).
 
@@ -329,7 +336,10 @@ def load_pretrained(
         for (keys, leaf), sharding in zip(abstract_leaves.items(), sharding_leaves):
             stacked = fam.is_stacked(keys, scan_layers)
             callback = _leaf_callback(reader, specs[keys], stacked, param_dtype)
-            arrays.append(jax.make_array_from_callback(leaf.shape, sharding, callback))
+            array = jax.make_array_from_callback(leaf.shape, sharding, callback)
+            if transform is not None:
+                array = transform("/".join(keys), array)
+            arrays.append(array)
     return config, jax.tree.unflatten(treedef, arrays)
 
 
@@ -428,6 +438,7 @@ def save_pretrained(
         ['config.json', 'model.safetensors']
         >>> tmp.cleanup()
     """
+    check_plain(params, "save_pretrained")
     lora = _find_lora_leaves(params)
     if lora:
         raise ValueError(

@@ -19,6 +19,8 @@ from rslora_jax._types import PRNGKey, PyTree
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.sites import path_key, target_sites
 from rslora_jax.core.tree import KERNEL, combine, get, join_path, set_in
+from rslora_jax.execution.quant import is_quantized
+from rslora_jax.ops.quantize import dequantize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -56,7 +58,30 @@ def init_adapters(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
             "init_adapters cannot return the adapters alone; use rslora_jax.init, or "
             "rslora_jax.principal_init for the pair (adapters, base)"
         )
-    return config.method.init_adapters(params, target_sites(params, config), config, key)
+    sites = target_sites(params, config)
+    if not _has_quantized(params):
+        return config.method.init_adapters(params, sites, config, key)
+    # A quantized base: the method sees each kernel dequantized, inside one compiled program,
+    # so a method that reads only shapes (LoRA, RaSA) costs nothing and DoRA's magnitudes
+    # never need the whole dequantized base at once outside it.
+    concrete = all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    if not concrete:
+        return config.method.init_adapters(_abstract_kernels(params), sites, config, key)
+    return jax.jit(lambda p, k: config.method.init_adapters(dequantize(p), sites, config, k))(
+        params, key
+    )
+
+
+def _has_quantized(params: PyTree) -> bool:
+    return any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized))
+
+
+def _abstract_kernels(params: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x,
+        params,
+        is_leaf=is_quantized,
+    )
 
 
 def init(params: PyTree, config: LoraConfig, key: PRNGKey) -> PyTree:
@@ -129,6 +154,13 @@ def principal_init(params: PyTree, config: LoraConfig, key: PRNGKey) -> tuple[Py
     kernels = {}
     for site in sites:
         kernel = get(params, site.keys)[KERNEL]
+        if is_quantized(kernel):
+            raise ValueError(
+                f"LoraConfig.init={config.init.spec!r} changes the base kernels to "
+                f"W - gamma*A@B, but the kernel at {site.path!r} is quantized "
+                f"({kernel.scheme}): initialise on the plain base, then rslora_jax.quantize "
+                "the result (the residual is quantized, as QPiSSA does)"
+            )
         if isinstance(kernel, jax.ShapeDtypeStruct):
             raise ValueError(
                 f"LoraConfig.init={config.init.spec!r} reads the kernel at {site.path!r}, which "

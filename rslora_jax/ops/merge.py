@@ -8,6 +8,10 @@ updates that a bf16 accumulation would round away. Unmerging divides by ``c`` an
 update; a method that rescales columns needs the scales the merge used
 (``merge(..., return_column_scales=True)``), since the merged kernel keeps only each column's
 direction (PEFT keeps them in a cache for the same reason).
+
+A quantized base (`rslora_jax.quantize`) merges the same way: each kernel is dequantized in
+float32, the update added, the sum cast once to the kernel's original dtype; `merge` also
+dequantizes the quantized kernels that have no adapter, so its result is always a plain tree.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from rslora_jax.core.tree import (
     rebuild,
     split,
 )
+from rslora_jax.execution.quant import dense, dequantize, is_quantized
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -53,7 +58,7 @@ def site_update(
     method.check_leaves(leaves, site, config, shared)
     a, b, scale = method.pair(leaves, site.path, config, shared)
     f32 = jnp.float32
-    w = site.layout.from_kernel(holder[KERNEL]).astype(f32)
+    w = site.layout.from_kernel(dense(holder[KERNEL], f32))
     ab = jnp.matmul(a.astype(f32), b.astype(f32), precision=_HIGHEST)
     c = method.column_scale(leaves, site.path, config, w, a, b, scale)
     return w, w + f32(scale) * ab, None if c is None else c.astype(f32)
@@ -76,7 +81,8 @@ def updated_kernel(
 def merge(params: PyTree, config: LoraConfig, *, return_column_scales: bool = False) -> Any:
     """Folds every adapter into its kernel and drops the adapter leaves.
 
-    Returns a plain tree with exactly the original (pre-`init`) structure, shapes and dtypes:
+    Returns a plain tree with exactly the original (pre-`init`, pre-`quantize`) structure,
+    shapes and dtypes (quantized kernels dequantized, with or without an adapter):
     ``W + gamma * A @ B`` (RaSA: ``W_i + A_i diag(d) B_i + A_S diag(d) B_S``; DoRA:
     ``m * (W + gamma*A@B) / ||W + gamma*A@B||``), computed in float32 and cast once. Jit-able
     (``config`` static) and donation-friendly; sharded inputs stay sharded (the product
@@ -116,6 +122,9 @@ def merge(params: PyTree, config: LoraConfig, *, return_column_scales: bool = Fa
         return out
 
     merged = rebuild(params, fold)
+    merged = jax.tree.map(
+        lambda x: dequantize(x) if is_quantized(x) else x, merged, is_leaf=is_quantized
+    )
     return (merged, scales) if return_column_scales else merged
 
 
@@ -160,7 +169,7 @@ def unmerge(
         method.check_leaves(adapter_leaves(holder), site, config, shared)
         a, b, scale = method.pair(adapter_leaves(holder), path, config, shared)
         f32 = jnp.float32
-        w = site.layout.from_kernel(holder[KERNEL]).astype(f32)
+        w = site.layout.from_kernel(dense(holder[KERNEL], f32))
         if method.rescales_columns:
             if column_scales is None or path not in column_scales:
                 raise ValueError(

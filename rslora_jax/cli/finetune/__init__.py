@@ -1,22 +1,26 @@
 """The fine-tuning command: ``python -m rslora_jax.finetune`` (console script ``rslora-finetune``).
 
 Fine-tunes a Llama-family causal LM (a Hugging Face checkpoint directory: Llama, Mistral,
-Qwen2 in safetensors) with rsLoRA adapters and leaves in ``--out`` everything needed to serve the
+Qwen2 in safetensors) with rsLoRA adapters (or RaSA, DoRA; ``--method``) on instruction data
+(chat, prompt/completion or Alpaca rows: the loss on the answers only, examples packed without
+attending to each other) or plain text, and leaves in ``--out`` everything needed to serve the
 result or to continue it::
 
     adapters/       the adapter checkpoint (`rslora_jax.load_adapters`)
-    peft/           the adapter in PEFT's format (``peft.PeftModel.from_pretrained``)
+    peft/           the adapter in PEFT's format (``peft.PeftModel.from_pretrained``; not RaSA)
     merged/         adapters merged into the base, with the tokenizer: a Hugging Face model dir
     checkpoints/    adapters + optimizer state + step, for ``--resume``
     loss.png        training and held-out loss curves
     metrics.json    losses, held-out losses, tokens/s, timings and the full configuration
     run.json        the arguments of the run (``--resume`` reads them back)
+    tb/             TensorBoard events (``--report-to``)
 
 With no arguments it runs offline on a CPU in a few minutes: the built-in base model
 (``rslora_jax/assets/base``: a 3.7M-parameter Llama pretrained on CPython's help topics and
-standard-library code, made by ``scripts/pretrain_base.py``) fine-tuned on the built-in corpus
-(the source of the standard-library modules in `rslora_jax.data.FINETUNE_MODULES`, held out
-from pretraining; the last 5% of its sequences are the held-out evaluation set).
+standard-library code, made by ``scripts/pretrain_base.py``) instruction-tuned on the built-in
+instruction set (``builtin:instruct``: questions about standard-library APIs answered from their
+docstrings, `rslora_jax.data.stdlib_instruct_records`; the last 5% are held out).
+``--data builtin:code`` trains on standard-library source as plain text instead.
 
 The training step runs ``rslora_jax.lora(model.apply, config)`` (``mode="auto"``: at training
 batch sizes each projection is one matmul with ``W + gamma*A@B`` formed per step and low-rank
@@ -45,14 +49,19 @@ processes x 2 devices computes the losses and adapters of a run on 1 process x 4
 
 The command's stages, one module each::
 
-    args      the parser, `parse_args` (``--resume`` reads run.json back)
-    runtime   joining jax.distributed, agreeing across processes
-    plan      every input checked before any weight is read -> `Plan`
-    layout    shardings of base, adapters and batches; this process's rows of a batch
-    program   optimizer and schedule, the jitted training and evaluation steps -> `Program`
-    loop      `train`: steps, evaluation, checkpoints, resume, Ctrl-C
-    outputs   exports, loss.png, metrics.json, the summary
-    command   `finetune` and `main`: all of the above, and the exit status
+    args        the parser, `parse_args` (``--resume`` reads run.json back)
+    options     the instruction-tuning and method flags and their parsers
+    config_file ``--config run.yaml``: a file's flags as command-line tokens
+    runtime     joining jax.distributed, agreeing across processes
+    plan        every input checked before any weight is read -> `Plan`
+    dataset     ``--data`` -> records -> answer-masked examples -> packed rows
+    adapters    the LoraConfig of the flags; ``--layers`` on scanned layers
+    layout      shardings of base, adapters and batches; this process's rows of a batch
+    program     optimizer and schedule, the jitted training and evaluation steps -> `Program`
+    loop        `train`: steps, accumulation, evaluation, checkpoints, resume, Ctrl-C
+    tracking    TensorBoard and wandb
+    outputs     exports (by method), loss.png, metrics.json, the summary
+    command     `finetune` and `main`: all of the above, and the exit status
 
 The Llama family's tensor-parallel policy is `rslora_jax.models.sharding.param_specs`; what a
 second command would share (usage errors, argument types, ``--mesh``, the progress bar) is in

@@ -24,7 +24,17 @@ from rslora_jax.cli.common import (
     nonnegative_int,
     positive_int,
 )
+from rslora_jax.cli.finetune.config_file import config_tokens, find_config
+from rslora_jax.cli.finetune.options import (
+    BUILTIN_PREFIX,
+    add_data_options,
+    add_method_options,
+    add_output_options,
+    add_training_options,
+    data_entry,
+)
 from rslora_jax.core.config import ALL_LINEAR
+from rslora_jax.ops.quantize import CHOICES as QUANTIZE_CHOICES
 
 PROG = "rslora-finetune"
 #: The built-in base model (config.json, model.safetensors, tokenizer files).
@@ -41,6 +51,7 @@ LAUNCH_ARGS = (
     "process_id",
     "distributed",
     "cpu_devices",
+    "config",
 )
 # Arguments that define the training trajectory: --resume refuses to change them.
 TRAJECTORY_ARGS = (
@@ -63,6 +74,21 @@ TRAJECTORY_ARGS = (
     "seed",
     "dtype",
     "param_dtype",
+    "quantize",
+    # instruction tuning and methods (issue 13)
+    "data_format",
+    "chat_template",
+    "train_on_prompt",
+    "no_packing",
+    "method",
+    "rasa_k",
+    "rasa_init",
+    "init",
+    "lora_plus_ratio",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers",
+    "grad_accum",
 )
 
 
@@ -86,14 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--data",
-        type=Path,
+        type=data_entry,
         nargs="+",
         default=None,
-        help="plain-text files (one document each) or JSON Lines files (.jsonl: 'text', "
-        "'prompt'+'completion' or 'instruction'+'output'); default: the built-in corpus "
-        "(source code of standard-library modules, rslora_jax.data.FINETUNE_MODULES)",
+        help="data files: JSON Lines (.jsonl), JSON arrays (.json) or Parquet with rows "
+        "'messages' (chat), 'prompt'+'completion', 'instruction'(+'input')+'output' (Alpaca) or "
+        "'text'; any other file is one plain-text document; or a built-in set: builtin:instruct "
+        "(questions on standard-library APIs answered from their docstrings, chat rows) or "
+        "builtin:code (standard-library source, plain text). Default: builtin:instruct",
     )
-    g.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    g.add_argument("--text-field", default="text", help="field holding the text of text rows")
+    add_data_options(g)
     g.add_argument(
         "--eval-fraction",
         type=float_in(0.0, 1.0, high_open=True),
@@ -120,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--targets",
         default=ALL_LINEAR,
-        help="adapted layers: 'all-linear' or a comma list of module names (e.g. q_proj,v_proj)",
+        help="adapted layers: 'all-linear', a comma list of module names (e.g. q_proj,v_proj), "
+        "or a regex fullmatched against paths such as model/layers/self_attn/q_proj (e.g. "
+        "'.*self_attn/(q|v)_proj')",
     )
     g.add_argument(
         "--lora-dropout",
@@ -128,9 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="dropout on the adapters' input",
     )
+    add_method_options(g)
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=positive_int, default=200, help="optimizer steps")
-    g.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step")
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="rows per micro-batch (rows per optimizer step: --batch-size x --grad-accum)",
+    )
+    add_training_options(g)
     g.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence")
     g.add_argument(
         "--lr", type=float_in(0.0, math.inf, high_open=True), default=2e-3, help="learning rate"
@@ -158,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (activations)")
     g.add_argument(
         "--param-dtype", choices=DTYPES, default="float32", help="dtype of the frozen base"
+    )
+    g.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default="none",
+        help="store the frozen base's targeted kernels quantized (QLoRA): int8 (per output "
+        "channel), nf4 (4-bit NormalFloat, blocks of 64), fp8 (e4m3); quantized while loading, "
+        "dequantized per layer in the forward pass; embeddings, norms and lm_head stay in "
+        "--param-dtype",
     )
     g.add_argument("--remat", action="store_true", help="recompute layer activations (memory)")
     g.add_argument(
@@ -208,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the merged checkpoint (auto: that of the --model checkpoint)",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_output_options(g)
     g = p.add_argument_group(
         "multi-process (jax.distributed: start the same command in every process)"
     )
@@ -258,7 +306,10 @@ def args_to_json(args: argparse.Namespace) -> dict[str, Any]:
         if isinstance(val, Path):
             val = str(val.expanduser().absolute())
         elif isinstance(val, list):
-            val = [str(Path(v).expanduser().absolute()) for v in val]
+            val = [
+                v if str(v).startswith(BUILTIN_PREFIX) else str(Path(v).expanduser().absolute())
+                for v in val
+            ]
         out[key] = val
     return out
 
@@ -272,22 +323,28 @@ def args_from_json(saved: dict[str, Any]) -> dict[str, Any]:
       ('llama', 4)
     """
     out = dict(saved)
-    for key in ("model", "tokenizer", "out"):
+    for key in ("model", "tokenizer", "out", "chat_template", "config"):
         if out.get(key) is not None:
             out[key] = Path(out[key])
     if out.get("data") is not None:
-        out["data"] = [Path(p) for p in out["data"]]
+        out["data"] = [data_entry(p) for p in out["data"]]
     return out
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses the command line; with ``--resume``, missing arguments come from the run's run.json.
 
+    With ``--config FILE`` the file's flags come first and the command line overrides them
+    (`rslora_jax.cli.finetune.config_file`).
+
     Raises:
       UsageError: for bad arguments, or ``--resume`` without a run to resume.
     """
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    config = find_config(argv)
+    if config is not None:  # the file's flags first: the command line overrides them
+        argv = config_tokens(parser, config) + argv
     args = parser.parse_args(argv)
     if not args.resume:
         if args.warmup_steps is None:

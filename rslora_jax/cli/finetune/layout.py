@@ -59,6 +59,36 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(batch_axes or None))
 
 
+def accum_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of a training batch ``(grad_accum, rows, ...)``: each micro-batch's rows
+    split as `batch_sharding` splits a batch."""
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+    return NamedSharding(mesh, P(None, batch_axes or None))
+
+
+def train_batch(
+    local: np.ndarray, sharding: NamedSharding, grad_accum: int, rows: int
+) -> jax.Array:
+    """The global training batch ``(grad_accum, rows, ...)`` from this process's rows of the
+    ``grad_accum * rows`` rows of a step (`LocalRows.batches` with that batch size).
+
+    Global row ``b * grad_accum + a`` of a step is row ``b`` of micro-batch ``a``, so the rows a
+    process holds of the step are its rows of every micro-batch, and a step is the same batch
+    (the same rows, the same token weighting) for any ``--grad-accum`` that divides it.
+
+    Example:
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+      >>> batch = train_batch(np.arange(6)[:, None], accum_sharding(mesh), 2, 3)
+      >>> batch[:, :, 0].tolist()
+      [[0, 2, 4], [1, 3, 5]]
+    """
+    local = np.asarray(local)
+    micro = np.swapaxes(local.reshape(-1, grad_accum, *local.shape[1:]), 0, 1)
+    return jax.make_array_from_process_local_data(
+        sharding, np.ascontiguousarray(micro), (grad_accum, rows, *local.shape[1:])
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalRows:
     """The rows of each global batch that this process materialises.

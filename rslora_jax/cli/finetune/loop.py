@@ -25,11 +25,17 @@ from rslora_jax import distributed
 from rslora_jax._types import PyTree
 from rslora_jax.cli.common import log, progress_bar
 from rslora_jax.cli.finetune.args import PROG, args_to_json
-from rslora_jax.cli.finetune.layout import LocalRows
+from rslora_jax.cli.finetune.layout import LocalRows, train_batch
 from rslora_jax.cli.finetune.outputs import build_metrics, mean_tail, write_metrics, write_outputs
 from rslora_jax.cli.finetune.plan import Plan
-from rslora_jax.cli.finetune.program import OptimSettings, Program, program
+from rslora_jax.cli.finetune.program import (
+    OptimSettings,
+    Program,
+    make_schedule,
+    program,
+)
 from rslora_jax.cli.finetune.runtime import barrier
+from rslora_jax.cli.finetune.tracking import Trackers
 
 
 class StopRequest:
@@ -75,7 +81,8 @@ class StopRequest:
 
 
 class Evaluator:
-    """Held-out loss: every held-out row once, padded to whole batches with zero weight.
+    """Held-out loss: the mean over the counted targets of every held-out row (the answers'
+    loss for instruction data), the rows padded to whole batches with empty rows.
 
     Every process keeps the (small) held-out set and materialises its own rows of each batch.
     """
@@ -85,18 +92,18 @@ class Evaluator:
         pad = (-len(rows)) % batch_size
         self.prog = prog
         self.local = local
-        self.rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), rows.dtype)])
-        self.weight = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
+        self.rows = np.concatenate([rows, np.zeros((pad, *rows.shape[1:]), rows.dtype)])
 
     def __call__(self, adapters: PyTree, base: PyTree) -> float:
         size, mine = self.local.batch_size, self.local.rows
         total = count = 0.0
         for i in range(0, len(self.rows), size):
-            local = (self.rows[i : i + size][mine], self.weight[i : i + size][mine])
-            rows, weight = distributed.make_global_batch(local, self.prog.batch, size)
-            s, c = self.prog.eval_sums(adapters, base, rows, weight)
+            rows = distributed.make_global_batch(
+                self.rows[i : i + size][mine], self.prog.batch, size
+            )
+            s, c = self.prog.eval_sums(adapters, base, rows)
             total, count = total + float(s), count + float(c)
-        return total / count
+        return total / max(count, 1.0)
 
 
 def train(plan: Plan) -> dict[str, Any]:
@@ -120,30 +127,34 @@ def train(plan: Plan) -> dict[str, Any]:
     if not args.resume and lead:
         run = {"args": {**args_to_json(args), "out": str(out)}, "data_sha256": plan.data_sha256}
         (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    optim = OptimSettings.from_args(args)
     prog = program(
         plan.model_config,
         plan.lora_config,
-        OptimSettings.from_args(args),
+        optim,
         plan.mesh,
         args.forward,
+        getattr(args, "quantize", "none"),
+        args.grad_accum,
+        plan.layers,
     )
-    local = LocalRows.of(prog.batch, args.batch_size)
+    accum = args.grad_accum
+    local = LocalRows.of(prog.batch, args.batch_size * accum)  # the rows of a step
+    local_eval = LocalRows.of(prog.batch, args.batch_size)
+    schedule = make_schedule(optim)
     _, base = load_pretrained(
         plan.model_dir,
         dtype=args.dtype,
         param_dtype=args.param_dtype,
         scan_layers=True,
-        shardings=prog.base,
+        shardings=prog.load_base,
         remat=args.remat,
+        transform=_quantizer(args, plan.lora_config),
     )
     key_init, key_dropout = jax.random.split(jax.random.key(args.seed))
-    # Created in place, sharded: every process computes its own shards of the same values.
-    abstract_base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base)
-    adapters = jax.jit(
-        lambda k: rl.init_adapters(abstract_base, plan.lora_config, k), out_shardings=prog.adapters
-    )(key_init)
+    adapters, base = init_run_adapters(plan, prog, base, key_init)
     opt_state = prog.init_state(adapters)
-    evaluate = Evaluator(prog, plan.eval_rows, local)
+    evaluate = Evaluator(prog, plan.eval_rows, local_eval)
 
     losses: list[float] = []
     evals: list[list[float]] = []
@@ -179,22 +190,32 @@ def train(plan: Plan) -> dict[str, Any]:
         saved_steps.add(step)
 
     n_adapter = rl.num_adapter_params(adapters)
-    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base))
-    tokens_per_step = args.batch_size * args.seq_len
-    scale = plan.lora_config.scale_for("model/layers/self_attn/q_proj")
+    n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base, is_leaf=rl.is_quantized))
+    quant = getattr(args, "quantize", "none")
+    base_memory = f"{rl.base_bytes(base) / 2**20:,.1f} MiB" + (
+        f" with {quant} kernels" if quant != "none" else ""
+    )
+    tokens_per_step = args.batch_size * accum * args.seq_len
     processes = f", {jax.process_count()} processes" if multi else ""
     say(
-        f"model {plan.model_dir} ({n_base:,} parameters, frozen)\nadapters: {n_adapter:,} "
-        f"parameters, rank {args.rank}, alpha {args.alpha:g}, {args.scaling} (scale "
-        f"{scale:.4g}), targets {args.targets}\ndata: {plan.data_description}: "
-        f"{len(plan.train_rows)} training and {len(plan.eval_rows)} held-out sequences of "
-        f"{args.seq_len} tokens\ndevices: {dict(plan.mesh.shape)} "
+        f"model {plan.model_dir} ({n_base:,} parameters, frozen; {base_memory})\n"
+        f"adapters: {n_adapter:,} parameters, {describe_adapters(plan)}\n"
+        f"{describe_data(plan)}\n"
+        f"batch: {args.batch_size} rows x {args.grad_accum} micro-batch(es) of {args.seq_len} "
+        f"tokens per optimizer step\ndevices: {dict(plan.mesh.shape)} "
         f"({plan.mesh.devices.flat[0].platform}{processes})"
+    )
+    trackers = (
+        Trackers(plan.trackers, out, args_to_json(args), start_step)
+        if lead and plan.trackers
+        else None
     )
     setup_seconds = time.perf_counter() - t_start
     if not evals:
         evals.append([0, evaluate(adapters, base)])
         say(f"held-out loss before training: {evals[0][1]:.4f}")
+        if trackers is not None:
+            trackers.log(0, {"eval/loss": evals[0][1]})
 
     stop = StopRequest(multi)
     flags = {False: prog.stop_flags(False), True: prog.stop_flags(True)}
@@ -217,9 +238,9 @@ def train(plan: Plan) -> dict[str, Any]:
     try:
         with stop.installed():
             while step < args.steps and not stopping():
-                batch = distributed.make_global_batch(next(batches), prog.batch, args.batch_size)
+                batch = train_batch(next(batches), prog.train_batch, accum, args.batch_size)
                 t0 = time.perf_counter()
-                new_adapters, new_state, loss, any_stop = prog.train_step(
+                new_adapters, new_state, loss, grad_norm, any_stop = prog.train_step(
                     adapters,
                     opt_state,
                     base,
@@ -242,8 +263,20 @@ def train(plan: Plan) -> dict[str, Any]:
                 losses.append(loss_value)
                 if step == start_step + 1 and lead:
                     log(bar, f"train loss at the first step: {loss_value:.4f}")
+                if trackers is not None:
+                    trackers.log(
+                        step,
+                        {
+                            "train/loss": loss_value,
+                            "train/learning_rate": float(schedule(step - 1)),
+                            "train/grad_norm": float(grad_norm),
+                            "train/tokens_per_second": tokens_per_step / elapsed,
+                        },
+                    )
                 if args.eval_every and step % args.eval_every == 0 and step < args.steps:
                     evals.append([step, evaluate(adapters, base)])
+                    if trackers is not None:
+                        trackers.log(step, {"eval/loss": evals[-1][1]})
                 if args.save_every and step % args.save_every == 0:
                     save(step)
                 if bar is not None:
@@ -262,6 +295,8 @@ def train(plan: Plan) -> dict[str, Any]:
         if bar is not None:
             bar.close()
     if stopping() and step < args.steps:
+        if trackers is not None:
+            trackers.close()
         save(step)
         manager.close()
         if lead:
@@ -275,6 +310,10 @@ def train(plan: Plan) -> dict[str, Any]:
 
     if not evals or evals[-1][0] != args.steps:
         evals.append([args.steps, evaluate(adapters, base)])
+        if trackers is not None:
+            trackers.log(args.steps, {"eval/loss": evals[-1][1]})
+    if trackers is not None:
+        trackers.close()
     save(args.steps)
     manager.close()
     t_export = time.perf_counter()
@@ -302,6 +341,86 @@ def train(plan: Plan) -> dict[str, Any]:
         write_metrics(metrics, written["metrics"], out)
     barrier("rslora-finetune: outputs written")
     return metrics
+
+
+def init_run_adapters(
+    plan: Plan, prog: Program, base: PyTree, key: jax.Array
+) -> tuple[PyTree, PyTree]:
+    """The run's initial adapters, and its base (PiSSA / OLoRA change it: ``W - gamma*A@B``).
+
+    Created in place, sharded: every process computes its own shards of the same values. With
+    ``--layers`` and a method with shared pools (RaSA), the other layers' per-layer entries
+    start at zero, so the pool adds nothing to them (`rslora_jax.cli.finetune.adapters`).
+    """
+    config = plan.lora_config
+    if config.base_modifying_init:
+        adapters, base = jax.jit(
+            lambda b, k: rl.principal_init(b, config, k),
+            out_shardings=(prog.adapters, prog.base),
+        )(base, key)
+    else:
+        # The base is an argument (DoRA reads the kernels for its magnitudes; the others only
+        # their shapes).
+        adapters = jax.jit(
+            lambda b, k: rl.init_adapters(b, config, k), out_shardings=prog.adapters
+        )(base, key)
+        if plan.layers is not None and config.method.shared_key is not None:
+            masks = plan.layers.masks(adapters)
+            adapters = jax.jit(lambda a: plan.layers.apply(a, masks), out_shardings=prog.adapters)(
+                adapters
+            )
+    return adapters, base
+
+
+def describe_adapters(plan: Plan) -> str:
+    """The adapters in one line: method, rank, alpha, scale, init, targets, layers."""
+    args, config = plan.args, plan.lora_config
+    method = config.method
+    if method.name == "rasa":
+        what = f"RaSA (k {method.k or max(args.rank // 8, 1)}, {method.init} diagonal)"
+    else:
+        scale = config.scale_for("model/layers/self_attn/q_proj")
+        title = {"lora": "LoRA", "dora": "DoRA"}.get(method.name, method.name)
+        what = f"{title} {args.scaling} (scale {scale:.4g})"
+    extra = [f"init {config.init.spec}"] if config.init.spec != "kaiming_uniform" else []
+    if args.lora_plus_ratio:
+        extra.append(f"LoRA+ ratio {args.lora_plus_ratio:g}")
+    if args.rank_pattern:
+        extra.append(f"rank pattern {args.rank_pattern}")
+    if args.alpha_pattern:
+        extra.append(f"alpha pattern {args.alpha_pattern}")
+    if plan.layers is not None:
+        extra.append(f"trained: {plan.layers.describe()}")
+    return f"{what}, rank {args.rank}, alpha {args.alpha:g}, targets {args.targets}" + "".join(
+        f", {e}" for e in extra
+    )
+
+
+def describe_data(plan: Plan) -> str:
+    """The data in a few lines: source, formats, template, masking, packing, cut-off answers."""
+    args, run = plan.args, plan.run_data
+    if run is None:
+        return f"data: {plan.data_description}"
+    formats = ", ".join(f"{n} {k}" for k, n in sorted(run.formats.items()))
+    lines = [f"data: {run.description} ({formats} rows)"]
+    if run.chat_template is not None:
+        lines.append(f"  chat template: {run.chat_template}")
+    lines.append(
+        "  loss on: "
+        + ("every token (--train-on-prompt)" if args.train_on_prompt else "answers only")
+        + f"; {'one example per row' if args.no_packing else 'packed, attention kept per example'}"
+    )
+    lines.append(f"  training: {run.train_stats.describe()}")
+    lines.append(f"  held-out: {run.eval_stats.describe()}; {len(run.eval_rows)} rows evaluated")
+    return "\n".join(lines)
+
+
+def _quantizer(args: Any, lora_config: rl.LoraConfig) -> Any:
+    """The loader's per-tensor transform for ``--quantize`` (None for ``none``)."""
+    from rslora_jax.ops.quantize import loader_transform
+
+    scheme = getattr(args, "quantize", "none")
+    return None if scheme == "none" else loader_transform(scheme, config=lora_config)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

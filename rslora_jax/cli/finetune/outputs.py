@@ -6,6 +6,7 @@ matplotlib is imported inside `plot_losses` only, so importing this module does 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,16 +27,18 @@ def write_outputs(
     """Adapter checkpoint, PEFT adapter, merged checkpoint + tokenizer, loss curve.
 
     Every process calls this: the adapter checkpoint is written by all together; the rest is
-    gathered to every process (`process_allgather`) and written by process 0.
+    gathered to every process (`process_allgather`) and written by process 0. A method without
+    a PEFT format (RaSA) writes no ``peft/``: the merged model is its export.
     """
     from jax.experimental import multihost_utils
 
     from rslora_jax.hf import save_pretrained
 
     args, out = plan.args, plan.out
+    has_peft = has_peft_format(plan)
     outputs = {
         "adapters": out / "adapters",
-        "peft": out / "peft",
+        **({"peft": out / "peft"} if has_peft else {}),
         "merged": out / "merged",
         "checkpoints": out / "checkpoints",
         "loss_curve": out / "loss.png",
@@ -49,20 +52,26 @@ def write_outputs(
         # export_peft reads the adapters' values and only the kernels' shapes.
         params = rl.combine(multihost_utils.process_allgather(adapters, tiled=True), base)
     if jax.process_index() == 0:
-        plan.export_peft(
-            outputs["peft"],
-            params,
-            plan.lora_config,
-            plan.model_config,
-            base_model_name_or_path=str(plan.model_dir),
-        )
+        if has_peft:
+            plan.export_peft(
+                outputs["peft"],
+                params,
+                plan.lora_config,
+                plan.model_config,
+                base_model_name_or_path=str(plan.model_dir),
+            )
         save_pretrained(outputs["merged"], merged, plan.hf_config, dtype=plan.merged_dtype)
         plan.tokenizer.save_pretrained(str(outputs["merged"]))
-        title = (
-            f"{args.scaling} r={args.rank} alpha={args.alpha:g} lr={args.lr:g} ({args.schedule})"
-        )
+        method = plan.lora_config.method.name
+        kind = args.scaling if method == "lora" else method
+        title = f"{kind} r={args.rank} alpha={args.alpha:g} lr={args.lr:g} ({args.schedule})"
         plot_losses(outputs["loss_curve"], losses, evals, title)
     return outputs
+
+
+def has_peft_format(plan: Plan) -> bool:
+    """Whether the run's method has a PEFT format (RaSA has none)."""
+    return plan.lora_config.method.peft_fields is not None
 
 
 def plot_losses(
@@ -104,16 +113,34 @@ def summary(m: dict[str, Any], out: Path) -> str:
         f"  train loss     {m['first_train_loss']:.4f} at the first step (mean of the first 10: "
         f"{m['first_10_train_loss']:.4f}) -> {m['last_train_loss']:.4f} (mean of the last 10)",
         f"  held-out loss  {m['eval_loss_before']:.4f} (before) -> {m['eval_loss_after']:.4f} "
-        "(after)",
-        f"outputs in {out}:",
-        "  adapters/      adapter checkpoint: rslora_jax.load_adapters(dir, base_params)",
-        "  peft/          PEFT adapter: peft.PeftModel.from_pretrained(base_model, dir)",
+        f"(after){' (answers only)' if m['data'].get('answers_only') else ''}",
+    ]
+    dropped = m["data"].get("dropped_examples", 0)
+    if dropped:
+        lines.append(
+            f"  {dropped} examples left out: their answer was cut off entirely by --seq-len "
+            f"(first: {', '.join(m['data']['dropped_sources'])}); raise --seq-len to keep them"
+        )
+    lines.append(f"outputs in {out}:")
+    lines.append("  adapters/      adapter checkpoint: rslora_jax.load_adapters(dir, base_params)")
+    if "peft" in m["outputs"]:
+        lines.append(
+            "  peft/          PEFT adapter: peft.PeftModel.from_pretrained(base_model, dir)"
+        )
+    else:
+        lines.append(
+            f"  (no peft/: {m['method']} has no PEFT format; serve merged/, which holds it)"
+        )
+    lines += [
         "  merged/        merged model + tokenizer: AutoModelForCausalLM.from_pretrained(dir)",
         f"  checkpoints/   training state for --resume (steps {saved})",
         "  loss.png       loss curves",
         "  metrics.json   losses, held-out losses, tokens/s, timings, configuration",
         "  run.json       the run's arguments",
     ]
+    if m.get("trackers"):
+        if "tensorboard" in m["trackers"]:
+            lines.append(f"  tb/            TensorBoard events: tensorboard --logdir {out / 'tb'}")
     return "\n".join(lines)
 
 
@@ -156,9 +183,33 @@ def build_metrics(
       A JSON-serialisable dict (paths as strings, up to ``default=str``).
     """
     args, out = plan.args, plan.out
+    run = plan.run_data
+    data_info: dict[str, Any] = {
+        "description": plan.data_description,
+        "train_sequences": len(plan.train_rows),
+        "eval_sequences": len(plan.eval_rows),
+        "sha256": plan.data_sha256,
+    }
+    if run is not None:
+        data_info.update(
+            formats=run.formats,
+            chat_template=run.chat_template,
+            answers_only=not args.train_on_prompt and set(run.formats) != {"text"},
+            packed=not args.no_packing,
+            train_packing=_stats(run.train_stats),
+            eval_packing=_stats(run.eval_stats),
+            truncated_examples=run.train_stats.truncated + run.eval_stats.truncated,
+            dropped_examples=run.train_stats.dropped + run.eval_stats.dropped,
+            dropped_sources=list(run.train_stats.dropped_sources + run.eval_stats.dropped_sources)[
+                :5
+            ],
+        )
     return {
         "interrupted": False,
+        "method": plan.lora_config.method.name,
+        "trackers": list(plan.trackers),
         "steps": args.steps,
+        "grad_accum": args.grad_accum,
         "resumed_from_step": resumed_from_step,
         "train_losses": losses,
         "eval_losses": evals,
@@ -176,12 +227,7 @@ def build_metrics(
             "platform": plan.mesh.devices.flat[0].platform,
             "processes": jax.process_count(),
         },
-        "data": {
-            "description": plan.data_description,
-            "train_sequences": len(plan.train_rows),
-            "eval_sequences": len(plan.eval_rows),
-            "sha256": plan.data_sha256,
-        },
+        "data": data_info,
         "config": {
             "args": {**args_to_json(args), "out": str(out)},
             "lora": plan.lora_config.to_dict(),
@@ -189,6 +235,13 @@ def build_metrics(
         },
         "outputs": {k: str(v) for k, v in outputs.items()},
     }
+
+
+def _stats(stats: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(stats)
+    out["dropped_sources"] = list(out["dropped_sources"])
+    out["fill"] = stats.fill
+    return out
 
 
 def write_metrics(metrics: dict[str, Any], path: Path, out: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import tempfile
@@ -23,12 +22,19 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import rslora_jax as rl
-from rslora_jax import data
 from rslora_jax._types import PyTree
 from rslora_jax.cli.common import DTYPES, UsageError, parse_mesh
+from rslora_jax.cli.finetune.adapters import (
+    LayerSelection,
+    adapted_paths,
+    check_patterns,
+    lora_config,
+)
 from rslora_jax.cli.finetune.args import DEFAULT_MODEL, RUNS_DIR
+from rslora_jax.cli.finetune.dataset import RunData, prepare_data
 from rslora_jax.cli.finetune.layout import LocalRows, batch_sharding, batch_ways, run_specs
-from rslora_jax.core.config import ALL_LINEAR
+from rslora_jax.cli.finetune.options import parse_layers, parse_trackers
+from rslora_jax.cli.finetune.tracking import check_trackers
 from rslora_jax.models.llama import LlamaConfig, init_params
 
 
@@ -51,6 +57,9 @@ class Plan:
     mesh: Mesh
     merged_dtype: str
     export_peft: Any
+    run_data: RunData | None = None
+    layers: LayerSelection | None = None
+    trackers: tuple[str, ...] = ()
 
 
 def _check_out(args: argparse.Namespace) -> tuple[Path, bool]:
@@ -147,72 +156,30 @@ def _check_tokenizer(args: argparse.Namespace, model_dir: Path) -> tuple[Path, A
     return tok_dir, tokenizer
 
 
-def _check_data(
-    args: argparse.Namespace, tokenizer: Any, config: LlamaConfig
-) -> tuple[str, str, np.ndarray, np.ndarray]:
+def _check_data(args: argparse.Namespace, tokenizer: Any, config: LlamaConfig) -> RunData:
     if args.seq_len > config.max_position_embeddings:
         raise UsageError(
             f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
             f"({config.max_position_embeddings}); lower --seq-len"
         )
-    if args.data:
-        try:
-            documents = data.load_texts(args.data, text_field=args.text_field)
-        except ValueError as err:
-            raise UsageError(f"--data: {err}") from None
-        description = ", ".join(str(p) for p in args.data)
-    else:
-        documents = data.stdlib_finetune_documents()
-        description = (
-            f"built-in: source of {len(data.FINETUNE_MODULES)} standard-library modules "
-            "(rslora_jax.data.FINETUNE_MODULES)"
-        )
-    try:
-        rows = data.tokenize_and_pack(documents, tokenizer, args.seq_len)
-    except ValueError as err:
-        raise UsageError(f"--data: {err}") from None
-    if int(rows.max()) >= config.vocab_size:
-        raise UsageError(
-            f"the tokenizer produces token id {int(rows.max())}, but the model's vocabulary has "
-            f"{config.vocab_size} entries: pass the --tokenizer that belongs to --model"
-        )
-    if rows.shape[0] < 2:
-        raise UsageError(
-            f"--data: {rows.shape[0]} sequence of --seq-len {args.seq_len} + 1 tokens; at least "
-            "2 are needed (training and held-out): add data or lower --seq-len"
-        )
-    train, held = data.split_sequences(rows, args.eval_fraction)
-    if args.eval_rows:
-        held = held[: args.eval_rows]
-    sha = hashlib.sha256(np.ascontiguousarray(rows).tobytes()).hexdigest()
-    return description, sha, train, held
+    return prepare_data(args, tokenizer, config.vocab_size)
 
 
 def _check_lora(args: argparse.Namespace, abstract_base: PyTree) -> tuple[rl.LoraConfig, PyTree]:
-    if args.targets.strip() == ALL_LINEAR:
-        targets: Any = ALL_LINEAR
-    else:
-        targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
-        if not targets:
-            raise UsageError(f"--targets {args.targets!r}: give 'all-linear' or module names")
-    common = dict(
-        targets=targets,
-        scaling=args.scaling,
-        alpha=args.alpha,
-        dropout=args.lora_dropout,
-        kernel_axes={"model/layers/.*": "lio"},  # scanned layers: (layer, in, out) kernels
-    )
+    config = lora_config(args)
     key = jax.random.key(0)
-    try:  # targets first (at rank 1), then the rank
-        probe = rl.LoraConfig(rank=1, **common)
+    # Shapes only: a base-modifying init (PiSSA, OLoRA) gives the shapes of the default one.
+    shaped = config.replace(init="kaiming_uniform") if config.init.modifies_base else config
+    try:  # targets first (plain LoRA at rank 1), then the rank and the method
+        probe = rl.LoraConfig(rank=1, targets=config.targets, kernel_axes=config.kernel_axes)
         jax.eval_shape(lambda k: rl.init_adapters(abstract_base, probe, k), key)
     except ValueError as err:
         raise UsageError(f"--targets {args.targets!r}: {err}") from None
-    try:
-        config = rl.LoraConfig(rank=args.rank, **common)
-        abstract = jax.eval_shape(lambda k: rl.init_adapters(abstract_base, config, k), key)
+    try:  # the base as an argument: DoRA reads the kernels (here: tracers) for its magnitudes
+        abstract = jax.eval_shape(lambda b, k: rl.init_adapters(b, shaped, k), abstract_base, key)
     except ValueError as err:
         raise UsageError(f"--rank {args.rank}: {err}") from None
+    check_patterns(args, config, adapted_paths(abstract))
     return config, abstract
 
 
@@ -280,6 +247,19 @@ def _merged_dtype(args: argparse.Namespace, model_dir: Path) -> str:
     return name if name in DTYPES else "float32"
 
 
+def _check_quantize(args: argparse.Namespace, abstract_base: PyTree, config: Any) -> None:
+    """``--quantize``: every targeted kernel can be quantized (shapes only)."""
+    scheme = getattr(args, "quantize", "none")
+    if scheme == "none":
+        return
+    from rslora_jax.ops.quantize import abstract_quantize
+
+    try:
+        abstract_quantize(abstract_base, scheme, config=config)
+    except ValueError as err:
+        raise UsageError(f"--quantize {scheme}: {err}") from None
+
+
 def prepare(args: argparse.Namespace) -> Plan:
     """Checks every input and plans the run; reads no weights and compiles nothing.
 
@@ -298,17 +278,21 @@ def prepare(args: argparse.Namespace) -> Plan:
     try:
         model_dir, hf_config, model_config = _check_model(args)
         tokenizer_dir, tokenizer = _check_tokenizer(args, model_dir)
-        description, sha, train_rows, eval_rows = _check_data(args, tokenizer, model_config)
+        trackers = parse_trackers(args.report_to)
+        check_trackers(trackers)
+        layers = parse_layers(args.layers, model_config.num_hidden_layers)
+        run_data = _check_data(args, tokenizer, model_config)
         if args.resume:
             saved = json.loads((out / "run.json").read_text(encoding="utf-8"))
-            if saved.get("data_sha256") != sha:
+            if saved.get("data_sha256") != run_data.sha256:
                 raise UsageError(
                     "--resume: the training data differ from the interrupted run's (its tokens "
                     "hash differently); resume with the same --data, --tokenizer and --seq-len"
                 )
         abstract_base = jax.eval_shape(lambda k: init_params(model_config, k), jax.random.key(0))
-        lora_config, abstract_adapters = _check_lora(args, abstract_base)
-        mesh = _check_mesh(args, abstract_base, abstract_adapters, lora_config)
+        config, abstract_adapters = _check_lora(args, abstract_base)
+        _check_quantize(args, abstract_base, config)
+        mesh = _check_mesh(args, abstract_base, abstract_adapters, config)
     except UsageError:
         if created:
             with contextlib.suppress(OSError):
@@ -322,12 +306,15 @@ def prepare(args: argparse.Namespace) -> Plan:
         model_config=model_config,
         tokenizer=tokenizer,
         tokenizer_dir=tokenizer_dir,
-        data_description=description,
-        data_sha256=sha,
-        train_rows=train_rows,
-        eval_rows=eval_rows,
-        lora_config=lora_config,
+        data_description=run_data.description,
+        data_sha256=run_data.sha256,
+        train_rows=run_data.train_rows,
+        eval_rows=run_data.eval_rows,
+        lora_config=config,
         mesh=mesh,
         merged_dtype=_merged_dtype(args, model_dir),
         export_peft=export_peft,
+        run_data=run_data,
+        layers=(None if layers is None else LayerSelection(layers, model_config.num_hidden_layers)),
+        trackers=trackers,
     )

@@ -181,6 +181,7 @@ class LlamaAttention(nn.Module):
         x: Array,
         cos: Array,
         sin: Array,
+        segment_ids: Array | None = None,
         cache: KVCache | None = None,
         positions: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
@@ -203,9 +204,13 @@ class LlamaAttention(nn.Module):
         k = _apply_rope(k, cos, sin)
 
         def attend(q: Array, k: Array, v: Array) -> Array:
-            return attention(q, k, v, window=c.sliding_window, impl=c.attention_impl)
+            return attention(
+                q, k, v, window=c.sliding_window, segment_ids=segment_ids, impl=c.attention_impl
+            )
 
         if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed rows) and a key/value cache do not mix")
             out, cache = attend_cached(
                 q, k, v, cache, positions, window=c.sliding_window, impl=c.attention_impl
             )
@@ -256,13 +261,14 @@ class LlamaDecoderLayer(nn.Module):
         x: Array,
         cos: Array,
         sin: Array,
+        segment_ids: Array | None = None,
         cache: KVCache | None = None,
         positions: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
         c = self.config
         norm = dict(eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
         h = RMSNorm(**norm, name="input_layernorm")(x)
-        h, cache = LlamaAttention(c, name="self_attn")(h, cos, sin, cache, positions)
+        h, cache = LlamaAttention(c, name="self_attn")(h, cos, sin, segment_ids, cache, positions)
         x = x + h
         h = RMSNorm(**norm, name="post_attention_layernorm")(x)
         x = x + LlamaMLP(c, name="mlp")(h)
@@ -287,6 +293,7 @@ class _LayerList(nn.Module):
         x: Array,
         cos: Array,
         sin: Array,
+        segment_ids: Array | None = None,
         cache: KVCache | None = None,
         positions: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
@@ -294,7 +301,7 @@ class _LayerList(nn.Module):
         layers = []
         for i in range(self.config.num_hidden_layers):
             layer = None if cache is None else cache.layer(i)
-            x, layer = block(self.config, name=str(i))(x, cos, sin, layer, positions)
+            x, layer = block(self.config, name=str(i))(x, cos, sin, segment_ids, layer, positions)
             layers.append(layer)
         if cache is None:
             return x, None
@@ -320,7 +327,7 @@ class LlamaModel(nn.Module):
                 _block_class(c),
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                 length=c.num_hidden_layers,
             )(c)
         else:
@@ -328,12 +335,16 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
 
     def __call__(
-        self, input_ids: Array, positions: Array, cache: KVCache | None = None
+        self,
+        input_ids: Array,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[Array, KVCache | None]:
         """``(hidden states, updated cache)`` (the cache None without one)."""
         x = self.embed_tokens(input_ids)
         cos, sin = _rope_cos_sin(self.config, positions)
-        x, cache = self.layers(x, cos, sin, cache, positions)
+        x, cache = self.layers(x, cos, sin, segment_ids, cache, positions)
         return self.norm(x), cache
 
     def attend(self, hidden: Array) -> Array:
@@ -342,13 +353,18 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama-family causal LM: ``apply({"params": p}, input_ids, positions=None) -> logits``.
+    """Llama-family causal LM: ``apply({"params": p}, input_ids, positions=None,
+    segment_ids=None) -> logits``.
 
     Args (of ``__call__``):
         input_ids: (B, S) integer token ids.
         positions: optional (B, S) or (S,) integer positions for RoPE (default ``arange(S)``). The
             attention mask is causal in sequence order regardless of ``positions`` (without a
             cache).
+        segment_ids: optional (B, S) integer ids of examples packed in a row (0: padding):
+            attention never crosses from one id to another (`rslora_jax.models.attention`), so
+            with ``positions`` restarting at each example a packed row computes what its
+            examples compute one per row (`rslora_jax.data.pack_examples` makes both).
         cache: optional `rslora_jax.models.cache.KVCache`: the new tokens' keys and values are
             written at their positions and attention is causal by position over the cache
             (decoding; see `rslora_jax.models.cache`).
@@ -380,6 +396,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: Array,
         positions: Array | None = None,
+        segment_ids: Array | None = None,
         cache: KVCache | None = None,
         logits_index: Array | None = None,
     ) -> Any:
@@ -389,7 +406,9 @@ class LlamaForCausalLM(nn.Module):
         if positions is None:
             positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.asarray(positions), input_ids.shape)
-        hidden, new_cache = self.model(input_ids, positions, cache)
+        if segment_ids is not None:
+            segment_ids = jnp.broadcast_to(jnp.asarray(segment_ids), input_ids.shape)
+        hidden, new_cache = self.model(input_ids, positions, segment_ids, cache)
         if logits_index is not None:
             index = jnp.asarray(logits_index, jnp.int32).reshape(-1, 1, 1)
             hidden = jnp.take_along_axis(hidden, index, axis=1)
