@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
         "is) or 'messages' (a chat, rendered with the tokenizer's chat template and the "
         "generation prompt, as fine-tuning renders chats)",
     )
+    g.add_argument(
+        "--chat-template",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="Jinja chat template for 'messages' prompts (a template file, or a JSON file with "
+        "'chat_template'); default: the tokenizer's, else rslora_jax.data.DEFAULT_CHAT_TEMPLATE",
+    )
     g = p.add_argument_group("sampling")
     g.add_argument(
         "--max-new-tokens", type=positive_int, default=64, help="most new tokens per prompt"

@@ -22,18 +22,10 @@ import rslora_jax as rl
 from rslora_jax._types import Params
 from rslora_jax.cli.common import UsageError, parse_mesh
 from rslora_jax.cli.generate.args import DEFAULT_MODEL
+from rslora_jax.data import DEFAULT_CHAT_TEMPLATE, load_chat_template
 from rslora_jax.generate import SamplingConfig
 from rslora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
 from rslora_jax.models.sharding import param_specs
-
-#: The chat template for tokenizers without one (the built-in tokenizer has none): Zephyr's
-#: layout, the fine-tuning command's fallback.
-DEFAULT_CHAT_TEMPLATE: str = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +103,9 @@ def _check_tokenizer(args: argparse.Namespace, model_dir: Path) -> Any:
         raise UsageError(f"{flag} {str(tok_dir)!r}: the tokenizer does not load: {err}") from None
 
 
-def render_chat(tokenizer: Any, messages: Any, where: str) -> str:
-    """A chat rendered with the tokenizer's template (or `DEFAULT_CHAT_TEMPLATE`), ending with
-    the generation prompt.
+def render_chat(tokenizer: Any, messages: Any, where: str, template: str | None = None) -> str:
+    """A chat rendered as fine-tuning renders chats (`template`, else the tokenizer's own
+    template, else `rslora_jax.data.DEFAULT_CHAT_TEMPLATE`), ending with the generation prompt.
 
     Raises:
       UsageError: for messages that are not ``[{"role": ..., "content": ...}, ...]`` strings,
@@ -130,7 +122,7 @@ def render_chat(tokenizer: Any, messages: Any, where: str) -> str:
             raise UsageError(
                 f"{where}: messages[{i}] must be an object with string 'role' and 'content'"
             )
-    template = getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+    template = template or getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
     try:
         return tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
@@ -147,6 +139,12 @@ def _read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[str]:
             content = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise UsageError(f"--prompts {str(path)!r}: cannot be read: {err}") from None
+        template = None
+        if args.chat_template is not None:
+            try:
+                template = load_chat_template(args.chat_template)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             for n, line in enumerate(content.splitlines(), 1):
                 if not line.strip():
@@ -159,7 +157,7 @@ def _read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[str]:
                 if isinstance(row, dict) and isinstance(row.get("prompt"), str):
                     texts.append(row["prompt"])
                 elif isinstance(row, dict) and "messages" in row:
-                    texts.append(render_chat(tokenizer, row["messages"], where))
+                    texts.append(render_chat(tokenizer, row["messages"], where, template))
                 else:
                     raise UsageError(
                         f"{where}: expected an object with a string 'prompt' or a 'messages' chat"
@@ -334,7 +332,6 @@ def load(job: Job) -> tuple[Any, Params, rl.LoraConfig | None]:
 
 
 __all__ = [
-    "DEFAULT_CHAT_TEMPLATE",
     "AdapterSource",
     "Job",
     "Prompt",
