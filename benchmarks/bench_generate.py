@@ -109,9 +109,11 @@ def bench_jax(args: argparse.Namespace, directory: Path, adapters: bool) -> list
         params = rl.init(params, lora_config, jax.random.key(1))
         rng = np.random.default_rng(0)  # B != 0: the adapters change the output
         params = jax.tree_util.tree_map_with_path(
-            lambda p, x: x + 0.01 * rng.standard_normal(x.shape).astype(x.dtype)
-            if "lora_b" in jax.tree_util.keystr(p)
-            else x,
+            lambda p, x: (
+                x + 0.01 * rng.standard_normal(x.shape).astype(x.dtype)
+                if "lora_b" in jax.tree_util.keystr(p)
+                else x
+            ),
             params,
         )
     model = LlamaForCausalLM(config)
@@ -159,7 +161,11 @@ def bench_torch(args: argparse.Namespace, model: Any, adapters: bool) -> list[di
         import peft
 
         lora = peft.LoraConfig(
-            r=16, lora_alpha=16, use_rslora=True, target_modules="all-linear", init_lora_weights=False
+            r=16,
+            lora_alpha=16,
+            use_rslora=True,
+            target_modules="all-linear",
+            init_lora_weights=False,
         )
         model = peft.get_peft_model(model, lora).eval()
     if args.threads:

@@ -140,7 +140,8 @@ def test_jsonl_prompts_and_chats(ckpt, tmp_path):
     path = tmp_path / "p.jsonl"
     rows = [{"prompt": "def f("}, {"messages": [{"role": "user", "content": "Hi?"}]}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    job = prepare(cli.parse_args(["--model", str(ckpt.dir), "--prompts", str(path)]))
+    argv = ["--model", str(ckpt.dir), "--prompts", str(path), "--max-new-tokens", "8"]
+    job = prepare(cli.parse_args(argv))
     assert [p.text for p in job.prompts] == ["def f(", "<|user|>\nHi?</s>\n<|assistant|>\n"]
     assert job.sampling.stop_tokens == (ckpt.tokenizer.eos_token_id,)
 
@@ -154,7 +155,7 @@ def _bad_cases(ckpt, tmp_path) -> dict[str, tuple[list, str]]:
     export_peft(other / "peft", o_params, LORA, o_config)
     (tmp_path / "empty").mkdir()
     long = " ".join(["word"] * 80)
-    m = ["--model", ckpt.dir, "--prompt", "def f("]
+    m = ["--model", ckpt.dir, "--prompt", "def f(", "--max-new-tokens", 8]
     return {
         "no prompt": (["--model", ckpt.dir], "no prompt: give --prompt"),
         "long prompt": (["--model", ckpt.dir, "--prompt", long], "more than the model's 64 positions"),

@@ -316,12 +316,18 @@ def _program(
         def fix_rows(x: Array) -> Array:
             spec = PartitionSpec(batch_axes, *([None] * (x.ndim - 1)))
             return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+        def to_host(x: Array) -> Array:  # replicated: the callback reads it on one device
+            return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec()))
     else:
 
         def fix_cache(cache: Any) -> Any:
             return cache
 
         def fix_rows(x: Array) -> Array:
+            return x
+
+        def to_host(x: Array) -> Array:
             return x
 
     def call(params: Params, ids: Array, positions: Array, cache: Any, index: Any, last: Any):
@@ -334,7 +340,9 @@ def _program(
             def host(step: Any, tokens: Any, active: Any) -> None:
                 on_token(int(step), np.asarray(tokens)[:n_rows], np.asarray(active)[:n_rows])
 
-            jax.debug.callback(host, step, tokens, active, ordered=True)
+            # Ordered callbacks need one device; on a mesh the steps' data dependence orders them.
+            tokens, active = to_host(tokens), to_host(active)
+            jax.debug.callback(host, step, tokens, active, ordered=mesh is None)
 
     def run(params: Params, ids: Array, lengths: Array, keys: PRNGKey, index: Any):
         b, width = ids.shape
