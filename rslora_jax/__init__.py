@@ -25,6 +25,7 @@ from rslora_jax.core.tree import (
     split,
 )
 from rslora_jax.frontends.linen import infer_kernel_axes, lora, register_dense_like
+from rslora_jax.frontends.registry import EinsumLayer, register_einsum_layer, register_stacked
 from rslora_jax.methods import DoRA, LoRA, RaSA
 from rslora_jax.ops.checkpoint import (
     CheckpointError,
@@ -50,6 +51,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "DoRA",
+    "EinsumLayer",
     "LoRA",
     "LoraConfig",
     "QuantizedArray",
@@ -77,6 +79,8 @@ __all__ = [
     "quantize",
     "rasa",
     "register_dense_like",
+    "register_einsum_layer",
+    "register_stacked",
     "save_adapters",
     "split",
     "unmerge",

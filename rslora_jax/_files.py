@@ -12,6 +12,10 @@ Two tools, standard library only (this module imports nothing of ours):
   crash between them leaves the old directory under ``.<name>.old``, which
   :func:`recover_directory` (called by every reader and writer of such directories) puts back.
 
+A writer killed while it writes leaves its staging directory (``.<name>.tmp-<host>-<pid>-...``)
+behind; :func:`clean_staging` removes those of processes that are gone (every staged write does
+so first).
+
 New files get the permissions the process's umask gives (``0o666 & ~umask``), not the ``0600``
 of :func:`tempfile.mkstemp` or of ``safetensors.numpy.save_file``, so a server running as
 another user can read an export.
@@ -23,8 +27,10 @@ import contextlib
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import shutil
+import socket
 import stat
 import sys
 import tempfile
@@ -138,7 +144,8 @@ def write_file(
     path = Path(path)
     directory = path.parent.resolve()
     target = check_target(directory, path.name, who)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    clean_staging(target)
+    fd, tmp = tempfile.mkstemp(prefix=staging_prefix(target), dir=directory)
     os.close(fd)
     try:
         write(tmp)
@@ -290,6 +297,71 @@ def swap_directory(new: str | os.PathLike[str], target: str | os.PathLike[str]) 
     _remove(old, ignore_errors=True)
 
 
+def staging_prefix(target: str | os.PathLike[str]) -> str:
+    """The name prefix of this process's staging directories for `target`:
+    ``.<name>.tmp-<host>-<pid>-`` (host: a short hash of the host name)."""
+    return f"{_staging_stem(Path(target).name)}{_host_tag()}-{os.getpid()}-"
+
+
+def _staging_stem(name: str) -> str:
+    return f".{name}.tmp-"
+
+
+@functools.lru_cache(maxsize=1)
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def clean_staging(target: str | os.PathLike[str], *, everything: bool = False) -> list[Path]:
+    """Removes the staging directories a killed writer left next to `target`.
+
+    A staging directory ``.<name>.tmp-<host>-<pid>-...`` is removed when its process, on this
+    host, is gone; with `everything`, every ``.<name>.tmp-*`` entry is (for a caller that
+    knows no one else writes there, e.g. a command in its own output directory).
+
+    Args:
+        target: the directory (or file) the staging was for.
+        everything: remove every staging entry, whoever made it.
+
+    Returns:
+        The entries removed.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / ".out.tmp-0123abcd-999999999-x").mkdir()  # a pid that cannot exist
+        >>> [p.name for p in clean_staging(root / "out", everything=True)]
+        ['.out.tmp-0123abcd-999999999-x']
+    """
+    target = Path(target)
+    stem = _staging_stem(target.name)
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(stem):
+            continue
+        host, _, rest = entry.name[len(stem) :].partition("-")
+        pid = rest.partition("-")[0]
+        stale = everything or (host == _host_tag() and pid.isdigit() and not _alive(int(pid)))
+        if stale:
+            _remove(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
@@ -368,7 +440,8 @@ def staged_directory(
     target = _resolve_target(directory, who)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
     try:
         yield staging
         written = set()
@@ -393,11 +466,13 @@ def staged_directory(
 
 __all__ = [
     "check_target",
+    "clean_staging",
     "fsync",
     "new_file_mode",
     "old_sibling",
     "recover_directory",
     "staged_directory",
+    "staging_prefix",
     "swap_directory",
     "umask",
     "write_file",

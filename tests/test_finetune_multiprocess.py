@@ -8,6 +8,8 @@ files) is fine-tuned by ``python -m rslora_jax.finetune`` in subprocesses:
 * ``one``: 1 process x 4 CPU devices, same mesh, same global batch, 6 steps: the reference;
 * ``rejected``: 2 processes where only process 1 gets a bad ``--data``: both must stop with
   exit status 2 instead of waiting for each other;
+* ``mismatched``: 2 processes where process 1 gets another ``--rank`` and ``--seed``: both must
+  stop with exit status 2, naming them, before any weight is read;
 * ``resumed``: a copy of ``two``'s run directory cut back to its step-3 checkpoint (as if the
   run had been killed after step 3), continued by a new 2-process launch with ``--resume``:
   it must end where ``two`` ends;
@@ -227,7 +229,8 @@ def _args(base, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
 def runs(base, tmp_path_factory):
     """``two``, ``one`` and ``rejected`` together, then ``resumed`` and ``interrupted``."""
     root = tmp_path_factory.mktemp("multiprocess_runs")
-    out = {name: root / name for name in ("two", "one", "rejected", "resumed", "interrupted")}
+    names = ("two", "one", "rejected", "mismatched", "resumed", "interrupted")
+    out = {name: root / name for name in names}
     t0 = time.monotonic()
     jobs = {
         "two": _job(_args(base, out["two"]), processes=2, devices=2),
@@ -238,6 +241,13 @@ def runs(base, tmp_path_factory):
             devices=2,
             expect=ft.EXIT_USAGE,
             p1=["--data", str(root / "missing.txt")],
+        ),
+        "mismatched": _job(
+            _args(base, out["mismatched"]),
+            processes=2,
+            devices=2,
+            expect=ft.EXIT_USAGE,
+            p1=["--rank", "8", "--seed", "1"],
         ),
     }
     _run(jobs, root)
@@ -416,6 +426,19 @@ def _check_input_rejected_by_one_process_stops_all(runs):
     assert not (runs.out["rejected"] / "run.json").exists()
 
 
+def _check_processes_with_different_settings_stop_before_loading(runs):
+    lead, other = runs.jobs["mismatched"].output
+    for text in (lead, other):
+        assert "rslora-finetune: error: the processes of this run were started with different" in (
+            text
+        ), text
+        assert "--rank: process(es) [1] differ from process 0" in text, text
+        assert "--seed: process(es) [1] differ from process 0" in text, text
+        assert "--alpha" not in text and "held-out loss" not in text
+    assert "(this process differs)" in other
+    assert not (runs.out["mismatched"] / "run.json").exists()
+
+
 def test_fine_tuning_on_two_processes(runs, base):
     """All checks on the launches in one test, so that they run once however pytest-xdist
     spreads this module's tests over its workers."""
@@ -424,6 +447,28 @@ def test_fine_tuning_on_two_processes(runs, base):
     _check_resume_across_processes_matches_the_uninterrupted_run(runs, base)
     _check_ctrl_c_in_one_process_stops_all_after_the_same_step(runs)
     _check_input_rejected_by_one_process_stops_all(runs)
+    _check_processes_with_different_settings_stop_before_loading(runs)
+
+
+def test_a_peer_that_never_connects_is_a_message_within_the_timeout(base, tmp_path):
+    """Process 1 of 2 alone: the coordinator never answers; --connect-timeout 5 ends it."""
+    port = _free_ports(1)[0]
+    cmd = [
+        sys.executable, "-m", "rslora_jax.finetune", *_args(base, tmp_path / "out"),
+        "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
+        "--cpu-devices", "2", "--connect-timeout", "5",
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    result = subprocess.run(
+        cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    elapsed = time.monotonic() - t0
+    assert result.returncode == ft.EXIT_USAGE, result.stderr[-3000:]
+    assert "not every process joined the distributed runtime within --connect-timeout 5 s" in (
+        result.stderr
+    )
+    assert "Check failure" not in result.stderr  # not JAX's abort
+    assert elapsed < 120, elapsed  # the import and the 5 s, not JAX's 5 minutes
 
 
 # ------------------------------------------------------------------------------------------

@@ -320,12 +320,17 @@ def test_from_hf_reads_transformers4_attributes():
         LlamaConfig.from_hf(hf4, scan=True)
 
 
-def test_qwen2_mixed_sliding_layers_refused():
+def test_qwen2_mixed_sliding_layers():
+    """Qwen2 configs that mix sliding and full layers convert layer by layer (refused before
+    issue 15; parity with transformers is in test_families.py)."""
     hf = transformers.Qwen2Config(
         **TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1
     )
-    with pytest.raises(ValueError, match="mix sliding-window and full-attention"):
-        LlamaConfig.from_hf(hf)
+    config = LlamaConfig.from_hf(hf)
+    assert config.sliding_window == 4
+    assert config.layer_types == ("full_attention", "sliding_attention")
+    assert [k.window for k in config.arch.kinds] == [None, 4]
+    assert config.arch.layer_kinds == (0, 1)
 
 
 @pytest.mark.parametrize(

@@ -768,7 +768,7 @@ def test_export_refuses_symlink_and_is_atomic(llama, tmp_path, monkeypatch):
     export_peft(good_dir, params, lcfg, config)
     before = {p.name: p.read_bytes() for p in good_dir.iterdir()}
 
-    def broken(path, tensors):
+    def broken(path, tensors, metadata=None):
         Path(path).write_bytes(b"half")
         raise OSError("disk full")
 

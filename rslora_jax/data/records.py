@@ -257,7 +257,7 @@ def _jsonl_rows(text: str, shown: str) -> Iterator[tuple[str, Any]]:
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from err
+            raise DataError(f"{where}: invalid JSON at column {err.colno}: {err.msg}") from err
 
 
 def _json_array_rows(text: str, shown: str) -> Iterator[tuple[str, Any]]:

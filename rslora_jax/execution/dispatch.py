@@ -101,6 +101,10 @@ class Contraction:
       precision: the matmul precision.
       exact: whether the layer computes exactly this (so a merged kernel may replace ``W``);
         False for layers with a custom ``dot_general``: they are never fused.
+      members: kernel axis letters of a stacked projection's members (output axes that are not
+        in the input, e.g. the ``C`` of gemma's ``kv_einsum`` ``"BSD,CKDH->CBSKH"`` holding k
+        and v): each member has its own adapter (the axis is a layer axis ``l`` of the
+        factors), and the fused path computes the members as projections sharing the input.
     """
 
     eq: tuple[str, str, str]
@@ -109,13 +113,51 @@ class Contraction:
     dtype: Any = None
     precision: Any = None
     exact: bool = True
+    members: str = ""
 
     @property
     def roles(self) -> str:
         roles = einsum_roles(*self.eq)
         if roles is None:
             raise ValueError(f"einsum {self.eq}: a kernel axis is summed away; cannot factor it")
+        if self.members:
+            xs, ks, _ = self.eq
+            for c in self.members:
+                if c not in ks or c in xs or roles[ks.index(c)] != "o":
+                    raise ValueError(
+                        f"einsum {self.eq}: member axis {c!r} must be an output axis of the "
+                        "kernel that is not in the input"
+                    )
+            roles = "".join("l" if c in self.members else r for c, r in zip(ks, roles))
         return roles
+
+    def split_members(self) -> tuple[list[Contraction], int] | None:
+        """The members of a stacked projection with one member axis as contractions of their
+        own, and the output axis they stack on; None without members (or with a bias that
+        does not spell out the member axis, or other layer axes)."""
+        if len(self.members) != 1 or self.roles.count("l") != 1:
+            return None
+        (c,) = self.members
+        xs, ks, rs = self.eq
+        k_ax, r_ax = ks.index(c), rs.index(c)
+        if self.bias is not None and self.bias.ndim != len(rs):
+            return None
+        lins = []
+        for i in range(self.kernel.shape[k_ax]):
+            lins.append(
+                dataclasses.replace(
+                    self,
+                    eq=(xs, ks.replace(c, ""), rs.replace(c, "")),
+                    kernel=jnp.take(self.kernel, i, axis=k_ax),
+                    bias=None
+                    if self.bias is None
+                    else jnp.take(self.bias, 0, axis=r_ax)
+                    if self.bias.shape[r_ax] == 1
+                    else jnp.take(self.bias, i, axis=r_ax),
+                    members="",
+                )
+            )
+        return lins, r_ax
 
     def compute_dtype(self, x: jax.Array) -> Any:
         if self.dtype is not None:
@@ -127,7 +169,7 @@ class Contraction:
         """The matmul view of this call, or None where it needs a transpose or has layer axes."""
         xs, ks, rs = self.eq
         roles = einsum_roles(xs, ks, rs)
-        if roles is None or "l" in roles:
+        if roles is None or "l" in roles or self.members:
             return None
         n_in = roles.count("i")
         i_, o_ = ks[:n_in], ks[n_in:]
@@ -197,7 +239,7 @@ def _factored_delta(x: jax.Array, lin: Contraction, pair: Pair, dtype: Any) -> j
     a, b, s = pair
     if lin.view(x) is not None and lin.kernel.ndim == 2 and x.ndim >= 1:
         return lowrank(x, a, b, s, dtype)
-    return einsum_lowrank(lin.eq, x, a, b, s, dtype, tuple(lin.kernel.shape))
+    return einsum_lowrank(lin.eq, x, a, b, s, dtype, tuple(lin.kernel.shape), lin.roles)
 
 
 def _combine(
@@ -219,8 +261,8 @@ def _combine(
     c = col.astype(jnp.float32)
     return (
         y
-        + column_scaled(base, c - 1.0, lin.eq, shape)
-        + column_scaled(out.astype(y.dtype), c, lin.eq, shape)
+        + column_scaled(base, c - 1.0, lin.eq, shape, lin.roles)
+        + column_scaled(out.astype(y.dtype), c, lin.eq, shape, lin.roles)
     )
 
 
@@ -282,6 +324,15 @@ def adapted(
       >>> adapted(jnp.ones((4, 2)), lin, pair, mode="fused")[0].tolist()
       [1.0, 1.0, 1.0]
     """
+    split = lin.split_members() if dropout is None and rows is None else None
+    if split is not None:
+        lins, axis = split
+        if fuses(x, lins, mode):
+            a, b, s = pair
+            pairs = [(a[i], b[i], s) for i in range(len(lins))]
+            cols = [None if col is None else col[i] for i in range(len(lins))]
+            ys = adapted_group(x, lins, pairs, cols=cols, mode=mode)
+            return jnp.stack(ys, axis=axis)
     (y,) = adapted_group(
         x, [lin], [pair], bases=[base], cols=[col], mode=mode, dropouts=[dropout], rows=rows
     )

@@ -58,14 +58,25 @@ def einsum_lowrank(
     scale: float,
     dtype: Any,
     kernel_shape: tuple[int, ...],
+    roles: str | None = None,
 ) -> jax.Array:
     """``scale *`` the einsum ``xs,ks->rs`` with its kernel replaced by the factors A, B.
 
     `a` is ``(*l, prod(i), r)`` and `b` ``(*l, r, prod(o))`` with the kernel's layer, input and
-    output axes (`einsum_roles`) flattened in kernel order.
+    output axes (`einsum_roles`, or `roles` where given) flattened in kernel order. `roles` may
+    call an output axis a layer axis (``l``, one adapter per index): a stacked projection's
+    member axis (gemma's ``kv_einsum``: ``"BSD,CKDH->CBSKH"`` with ``roles="loio"``, one
+    adapter for k and one for v).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x, a, b = jnp.ones((1, 3)), jnp.ones((2, 3, 1)), jnp.ones((2, 1, 4))
+      >>> einsum_lowrank(("bd", "cdh", "cbh"), x, a, b, 1.0, jnp.float32, (2, 3, 4),
+      ...                roles="lio").shape
+      (2, 1, 4)
     """
     xs, ks, rs = eq
-    roles = einsum_roles(xs, ks, rs)
+    roles = einsum_roles(xs, ks, rs) if roles is None else roles
     if roles is None:
         raise ValueError(f"einsum {xs},{ks}->{rs}: a kernel axis is summed away; cannot factor it")
     sizes = dict(zip(ks, kernel_shape))
@@ -120,11 +131,17 @@ def parse_einsum(eq: str) -> tuple[str, str, str]:
     return xs, ks, rs
 
 
-def column_scaled(y: jax.Array, c: jax.Array, eq: tuple[str, str, str], kernel_shape) -> jax.Array:
+def column_scaled(
+    y: jax.Array,
+    c: jax.Array,
+    eq: tuple[str, str, str],
+    kernel_shape: tuple[int, ...],
+    roles: str | None = None,
+) -> jax.Array:
     """`y` (the einsum's output) with each output column multiplied by `c` ``(*l, d_out)``.
 
     ``d_out`` is the kernel's output axes flattened in kernel order, ``l`` its layer axes (as
-    seen by this call), so `c` is reshaped to those axes and broadcast into the output.
+    seen by this call, or as `roles` says, see `einsum_lowrank`), so `c` is reshaped to those axes and broadcast into the output.
 
     Example:
       >>> import jax.numpy as jnp
@@ -133,7 +150,7 @@ def column_scaled(y: jax.Array, c: jax.Array, eq: tuple[str, str, str], kernel_s
       [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
     """
     xs, ks, rs = eq
-    roles = einsum_roles(xs, ks, rs)
+    roles = einsum_roles(xs, ks, rs) if roles is None else roles
     sizes = dict(zip(ks, kernel_shape))
     l_ = "".join(ch for ch, r in zip(ks, roles) if r == "l")
     o_ = "".join(ch for ch, r in zip(ks, roles) if r == "o")

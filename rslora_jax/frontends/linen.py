@@ -4,9 +4,14 @@ Three ways to compute an adapted layer, with the same result (up to rounding), f
 (LoRA/rsLoRA, RaSA, DoRA, PiSSA/OLoRA-initialised):
 
 - **factored**: ``y = x @ W + gamma * (x @ A) @ B``, never forming ``W + gamma * A @ B``. Done by
-  intercepting linen ``Dense``, ``DenseGeneral``, ``Einsum`` and Dense-like module calls
-  (`flax.linen.intercept_methods`), which also works inside ``nn.scan`` and ``nn.remat``: the
-  adapter leaves sit in the same dict as the kernel and are sliced with it.
+  intercepting linen ``Dense``, ``DenseGeneral``, ``Einsum`` and Dense-like module calls, and
+  registered einsum layers whose weight is not a ``kernel`` (Google's ``gemma`` library:
+  `rslora_jax.frontends.registry`) (`flax.linen.intercept_methods`), which also works inside
+  ``nn.scan`` and ``nn.remat``: the adapter leaves sit in the same dict as the kernel (or in a
+  ``lora_<name>`` sub-dict next to it, see `rslora_jax.core.tree`) and are sliced with it. A
+  model whose ``__call__`` is ``nn.jit``-wrapped (gemma's ``Transformer``) is re-traced under
+  the interceptor on every call (``jax.disable_jit`` around it, inlined into the caller's jit):
+  its own cache is keyed by shapes alone and would replay another call's trace.
 - **fused** (`rslora_jax.execution.fused`): per layer and per call, form ``W + gamma * A @ B``
   (float32, cast once) and run one matmul, with the adapter gradients computed in low-rank form by
   a custom VJP (no ``d_in x d_out`` gradient). Possible for ``Dense``, ``DenseGeneral`` and
@@ -37,6 +42,8 @@ layers inside ``nn.scan``) and column rescale (DoRA: ``m / ||W + gamma*A@B||``, 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import string
 from collections.abc import Callable, Mapping
@@ -48,17 +55,22 @@ import numpy as np
 
 from rslora_jax.core import claim
 from rslora_jax.core.config import LoraConfig
+from rslora_jax.core.sites import declared_axes
 from rslora_jax.core.tree import (
+    KERNEL,
     adapter_leaves,
     adapter_paths,
     global_entries,
+    holder_view,
     is_adapted,
-    iter_holders,
+    iter_weights,
     join_path,
+    weight_refs,
 )
 from rslora_jax.execution.dispatch import Contraction, adapted
 from rslora_jax.execution.lowrank import einsum_roles
 from rslora_jax.execution.quant import is_quantized
+from rslora_jax.frontends.registry import einsum_layer, inferred_roles, member_letters
 from rslora_jax.frontends.site import DROPOUT_RNG, linen_dropout, method_inputs
 from rslora_jax.ops.merge import merge, merged_kernels
 
@@ -144,10 +156,14 @@ def _dense_general_eq(module: nn.DenseGeneral, ndim: int) -> tuple[str, str, str
 
 
 def _einsum_eq(module: nn.Module, x: Any, kernel: Any, call_args: Mapping) -> tuple | None:
+    return _einsum_eq_text(call_args.get("einsum_str") or module.einsum_str, x, kernel)
+
+
+def _einsum_eq_text(text: str, x: Any, kernel: Any) -> tuple[str, str, str]:
+    """An einsum string with explicit letters (``...`` expanded against `x` and `kernel`)."""
     import opt_einsum
 
-    eq = (call_args.get("einsum_str") or module.einsum_str).replace(" ", "")
-    operands, result, _ = opt_einsum.parser.parse_einsum_input((eq, x, kernel))
+    operands, result, _ = opt_einsum.parser.parse_einsum_input((text.replace(" ", ""), x, kernel))
     xs, ks = operands.split(",")
     return xs, ks, result
 
@@ -209,6 +225,106 @@ def _adapted(module: nn.Module) -> bool:
     return is_adapted(module.variables.get("params", {}))
 
 
+def _lifted_jit(module: nn.Module, method_name: str) -> bool:
+    """Whether the module's method is wrapped by ``nn.jit`` (gemma's ``Transformer.__call__``).
+
+    Its trace is cached by the module and the arguments' shapes alone, so a second call would
+    replay the first trace, made under another interceptor (another mode, config or adapters);
+    such calls run under ``jax.disable_jit()``, which re-traces the method's body each time
+    (inlined into the caller's own ``jax.jit``).
+    """
+    from flax.core import lift
+
+    fn = getattr(type(module), method_name, None)
+    code = getattr(fn, "__code__", None)
+    if code is None or "transform" not in code.co_freevars or fn.__closure__ is None:
+        return False
+    cell = fn.__closure__[code.co_freevars.index("transform")]
+    try:
+        return cell.cell_contents is lift.jit
+    except ValueError:  # an empty cell
+        return False
+
+
+def _retrace(apply_fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
+    """``jax.disable_jit()`` when `apply_fn` is the ``apply`` of a module whose called method is
+    wrapped by ``nn.jit`` (see `_lifted_jit`), else a no-op context."""
+    module = getattr(apply_fn, "__self__", None)
+    method = kwargs.get("method") or "__call__"
+    if isinstance(module, nn.Module) and isinstance(method, str) and _lifted_jit(module, method):
+        return jax.disable_jit()
+    return contextlib.nullcontext()
+
+
+def _plain_call(next_fun, args, kwargs, context):
+    """A module call the interceptor does not adapt (``nn.jit`` methods re-traced, see
+    `_lifted_jit`)."""
+    if _lifted_jit(context.module, context.method_name):
+        with jax.disable_jit():
+            return next_fun(*args, **kwargs)
+    return next_fun(*args, **kwargs)
+
+
+class _Call:
+    """One call of an adapted layer: its input, contraction, weight path and holder, and how
+    to call the layer on another input."""
+
+    def __init__(self, x, lin, path, holder, with_input):
+        self.x, self.lin, self.path, self.holder, self.with_input = x, lin, path, holder, with_input
+
+
+def _registered_call(
+    module: nn.Module, args: tuple, kwargs: dict, config: LoraConfig | None
+) -> _Call | None:
+    """A call of a registered einsum layer (`rslora_jax.frontends.registry`; gemma's
+    ``Einsum``) whose weight has adapters (or any, when `config` is None), else None."""
+    entry = einsum_layer(type(module), "linen")
+    if entry is None:
+        return None
+    name = entry.weight_name(module)
+    params = module.variables.get("params", {})
+    ref = next((r for r in weight_refs(params, tuple(module.path)) if r.name == name), None)
+    if ref is None:
+        return None
+    holder = holder_view(params, ref)
+    if config is not None and not is_adapted(holder):
+        return None
+    x, text = entry.read(module, args, kwargs)
+    if x is None or not isinstance(text, str):
+        return None
+    kernel = holder[KERNEL]
+    eq = _einsum_eq_text(text, x, kernel)
+    if config is not None:
+        roles = einsum_roles(*eq)
+        if roles is None:
+            return None
+    lin = Contraction(
+        eq=eq,
+        kernel=kernel,
+        dtype=entry.dtype(module),
+        exact=entry.exact(module),
+        members=member_letters(declared_axes(config, ref.path), eq) if config else "",
+    )
+    return _Call(x, lin, ref.path, holder, lambda inp: entry.with_input(args, kwargs, inp))
+
+
+def _layer_call(module: nn.Module, args: tuple, kwargs: dict, config: LoraConfig) -> _Call | None:
+    """The adapted layer call the interceptor computes (kernel layers and registered ones)."""
+    call = _registered_call(module, args, kwargs, config)
+    if call is not None or not _adapted(module):
+        return call
+    desc = _describe(module, args, kwargs, config)
+    if desc is None:
+        return None
+    x, lin = desc
+    path = join_path(module.path)
+    members = member_letters(declared_axes(config, path), lin.eq)
+    if members:
+        lin = dataclasses.replace(lin, members=members)
+    params = module.variables.get("params", {})
+    return _Call(x, lin, path, params, lambda inp: _with_input(args, kwargs, inp))
+
+
 def _interceptor(
     config: LoraConfig,
     handled: set[str],
@@ -221,32 +337,24 @@ def _interceptor(
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
+            return _plain_call(next_fun, args, kwargs, context)
         quantized = is_quantized(_param(module, "kernel"))
-        if not _adapted(module):
-            return (
-                _quantized_call(module, args, kwargs, config)
-                if quantized
-                else (next_fun(*args, **kwargs))
-            )
-        desc = _describe(module, args, kwargs, config)
-        path = join_path(module.path)
-        if desc is None or path in skip:
-            return (
-                _quantized_call(module, args, kwargs, config)
-                if quantized
-                else (next_fun(*args, **kwargs))
-            )
+        call = _layer_call(module, args, kwargs, config)
+        if call is None or call.path in skip:
+            if quantized:
+                return _quantized_call(module, args, kwargs, config)
+            return _plain_call(next_fun, args, kwargs, context)
+        path = call.path
         handled.add(path)
         ctx = claim.active()
         if (ctx is not None and path in ctx.claimed) or not compute:
-            return desc[1].plain(desc[0]) if quantized else next_fun(*args, **kwargs)
-        x, lin = desc
-        leaves = adapter_leaves(module.variables.get("params", {}))
+            return call.lin.plain(call.x) if quantized else next_fun(*args, **kwargs)
+        x, lin = call.x, call.lin
+        leaves = adapter_leaves(call.holder)
         pair, col = method_inputs(config, leaves, path, shared, lin, rows)
 
         def base(inp: jax.Array) -> jax.Array:
-            a, kw = _with_input(args, kwargs, inp)
+            a, kw = call.with_input(inp)
             return next_fun(*a, **kw)
 
         return adapted(
@@ -298,6 +406,7 @@ def _factorable(
             full[i] = val
         v, a, kw, sh, rw = jax.tree.unflatten(treedef, full)
         with (
+            _retrace(apply_fn, kw),
             claim.activate(config, frozenset(), "factored", sh, rw) as ctx,
             nn.intercept_methods(_interceptor(config, handled, frozenset(), compute=False)),
         ):
@@ -421,6 +530,7 @@ def lora(
                 skip = frozenset(unhandled)
         handled: set[str] = set()
         with (
+            _retrace(apply_fn, kwargs),
             claim.activate(config, skip, mode, shared, rows) as ctx,
             nn.intercept_methods(_interceptor(config, handled, skip, True, shared, mode, rows)),
         ):
@@ -446,11 +556,15 @@ def lora(
 
 
 def infer_kernel_axes(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any):
-    """Reads the axis roles of every Dense/DenseGeneral/Einsum kernel off a linen model.
+    """Reads the axis roles of every Dense/DenseGeneral/Einsum kernel off a linen model, and of
+    the weights of registered einsum layers (gemma's ``Einsum``: ``w``, ``gating_einsum``,
+    ``linear``; see `rslora_jax.frontends.registry`).
 
     Runs `apply_fn` abstractly (`jax.eval_shape`, no FLOPs) and records, for each module, which
-    of its kernel's axes are layer (``l``: stacked by ``nn.scan``, or einsum batch axes),
-    input (``i``) and output (``o``) axes. Pass the result as ``LoraConfig(kernel_axes=...)``.
+    of its kernel's axes are layer (``l``: stacked by ``nn.scan``, einsum batch axes, or the
+    member axis of a stacked projection such as gemma's ``kv_einsum``), input (``i``) and output
+    (``o``) axes. Pass the result as ``LoraConfig(kernel_axes=...)``: it also tells the core
+    which weights not named ``kernel`` enter a linear contraction (only those are adapted).
 
     Args:
       apply_fn: a linen ``apply``.
@@ -470,24 +584,30 @@ def infer_kernel_axes(apply_fn: Callable[..., Any], variables: Any, *args: Any, 
       {'': 'ioo'}
     """
     found: dict[str, str] = {}
-    full_shapes = {
-        join_path(k): tuple(h["kernel"].shape) for k, h in iter_holders(variables["params"])
-    }
+    full_shapes = {ref.path: tuple(h[KERNEL].shape) for ref, h in iter_weights(variables["params"])}
     plain = LoraConfig()
 
     def record(next_fun, a, kw, context):
         module = context.module
-        if context.method_name == "__call__" and module.has_variable("params", "kernel"):
+        call = None
+        if context.method_name == "__call__":
+            call = _registered_call(module, a, kw, None)
+        if call is not None:
+            local = inferred_roles(call.path, call.lin.eq)
+            if local is not None and call.path in full_shapes:
+                n_stack = len(full_shapes[call.path]) - call.lin.kernel.ndim
+                found[call.path] = "l" * n_stack + local
+        elif context.method_name == "__call__" and module.has_variable("params", "kernel"):
             path = join_path(module.path)
             desc = _describe(module, a, kw, plain)
             local = None if desc is None else einsum_roles(*desc[1].eq)
             if local is not None and path in full_shapes:
                 n_stack = len(full_shapes[path]) - desc[1].kernel.ndim
                 found[path] = "l" * n_stack + local
-        return next_fun(*a, **kw)
+        return _plain_call(next_fun, a, kw, context)
 
     def run(v):
-        with nn.intercept_methods(record):
+        with _retrace(apply_fn, kwargs), nn.intercept_methods(record):
             return apply_fn(v, *args, **kwargs)
 
     jax.eval_shape(run, variables)

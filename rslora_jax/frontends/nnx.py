@@ -1,4 +1,7 @@
-"""Flax NNX frontend: adapters inside `nnx.Linear` / `LinearGeneral` / `Einsum` layers.
+"""Flax NNX frontend: adapters inside `nnx.Linear` / `LinearGeneral` / `Einsum` layers, and
+inside registered einsum layers whose weight is not a ``kernel`` (google-tunix's ``Einsum``
+with ``w``: `rslora_jax.frontends.registry`; stacked projections such as tunix Gemma 3's
+``kv_einsum`` get one adapter per member).
 
 Two ways to use the library with an NNX model:
 
@@ -70,6 +73,7 @@ import functools
 import math
 import re
 import string
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -80,12 +84,19 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rslora_jax._types import PRNGKey, PyTree
-from rslora_jax.core.config import LoraConfig
+from rslora_jax.core.config import ALL_LINEAR, OUTPUT_LAYER_NAMES, LoraConfig
 from rslora_jax.core.protocol import shared_key_owner
-from rslora_jax.core.tree import KERNEL, get, is_adapter_key, set_in
+from rslora_jax.core.sites import check_listed_targets
+from rslora_jax.core.tree import KERNEL, get, is_adapter_key, iter_weights, set_in
 from rslora_jax.execution.dispatch import Contraction, adapted, fuses
 from rslora_jax.execution.lowrank import einsum_roles
 from rslora_jax.execution.quant import is_quantized
+from rslora_jax.frontends.registry import (
+    EinsumLayer,
+    einsum_layer,
+    inferred_roles,
+    member_letters,
+)
 from rslora_jax.frontends.site import method_inputs
 from rslora_jax.ops.init import init_adapters, principal_init
 from rslora_jax.ops.merge import merge as merge_params
@@ -289,6 +300,59 @@ class LoraEinsum(nnx.Einsum, _LoraLayer):
         return self._adapted(inputs, lin, base)
 
 
+class LoraEinsumLayer(_LoraLayer):
+    """A registered einsum layer (`rslora_jax.frontends.registry`: google-tunix's ``Einsum``,
+    whose weight is ``w``) with an adapter (made by `add_adapters`). Its call is described by
+    its registry entry; the member axis of a stacked projection (tunix Gemma 3's ``kv_einsum``)
+    gets one adapter per member. Fused where the dispatch can (the einsum a matmul of the
+    input's trailing axes, per member for stacked ones); factored next to the layer's own call
+    otherwise."""
+
+    __slots__ = ()
+
+    def _entry(self) -> EinsumLayer:
+        entry = einsum_layer(type(self), "nnx")
+        assert entry is not None  # the class was made for a registered one
+        return entry
+
+    def _contraction(self, inputs: jax.Array, out_sharding: Any = None) -> Contraction:
+        del out_sharding
+        entry = self._entry()
+        weight = getattr(self, entry.weight_name(self))[...]
+        _, text = entry.read(self, (inputs,), {})
+        eq = _einsum_eq(text, inputs, weight)
+        return Contraction(
+            eq=eq,
+            kernel=weight,
+            dtype=entry.dtype(self),
+            exact=entry.exact(self),
+            members=member_letters(self.lora_roles, eq),
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
+        entry = self._entry()
+        x, _ = entry.read(self, args, kwargs)
+
+        def base(inp: jax.Array) -> jax.Array:
+            a, kw = entry.with_input(args, kwargs, inp)
+            return _base_class(type(self)).__call__(self, *a, **kw)
+
+        return self._adapted(x, self._contraction(x), base)
+
+
+def _weight(module: Any) -> nnx.Variable | None:
+    """The weight variable of an adaptable layer: its ``kernel``, or the weight its registry
+    entry names (tunix: ``w``); None for other modules."""
+    var = getattr(module, "kernel", None)
+    if isinstance(var, nnx.Variable):
+        return var
+    entry = einsum_layer(type(module), "nnx")
+    if entry is None:
+        return None
+    var = getattr(module, entry.weight_name(module), None)
+    return var if isinstance(var, nnx.Variable) else None
+
+
 _LORA_CLASSES: dict[type, type] = {
     nnx.Linear: LoraLinear,
     nnx.LinearGeneral: LoraLinearGeneral,
@@ -305,6 +369,17 @@ def _lora_class(cls: type) -> type | None:
     cls = next((plain for plain, q in QUANT_CLASSES.items() if q is cls), cls)
     if cls in _LORA_CLASSES:
         return _LORA_CLASSES[cls]
+    if einsum_layer(cls, "nnx") is not None and not issubclass(cls, _LoraLayer):
+        if cls not in _SUBCLASSES:
+            # The layer class first (so the instance layout is its own and __class__ can be
+            # swapped), the LoRA call taken over explicitly.
+            namespace = {
+                "__module__": __name__,
+                "__call__": LoraEinsumLayer.__call__,
+                "_contraction": LoraEinsumLayer._contraction,
+            }
+            _SUBCLASSES[cls] = type(f"Lora{cls.__name__}", (cls, LoraEinsumLayer), namespace)
+        return _SUBCLASSES[cls]
     for base, lora_cls in _LORA_CLASSES.items():
         # A subclass that keeps the base's __call__ computes the same thing: give it a
         # LoRA-aware subclass of its own, so its other methods and attributes stay.
@@ -416,7 +491,7 @@ def _kernel_modules(model: Any) -> list[tuple[tuple[Any, ...], nnx.Module]]:
         if id(node) in seen:
             return
         seen.add(id(node))
-        if isinstance(node, nnx.Module) and isinstance(getattr(node, "kernel", None), nnx.Variable):
+        if isinstance(node, nnx.Module) and _weight(node) is not None:
             out.append((path, node))
         for key, child in nnx.iter_children(node):
             if not isinstance(child, nnx.Variable):
@@ -435,6 +510,26 @@ def _local_roles(module: nnx.Module, path: str) -> str:
             + "i" * len(module.in_features)
             + "o" * len(module.out_features)
         )
+    entry = None if isinstance(module, nnx.Einsum) else einsum_layer(type(module), "nnx")
+    if entry is not None:
+        weight = _weight(module)
+        _, text = entry.read(module, (), {})
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{type(module).__name__} at {path!r} has no einsum equation where its registry "
+                f"entry says ({entry.equation!r}), so its kernel axes are unknown"
+            )
+        xs, ks, rs = _parse_einsum(text)
+        roles = None
+        if "." not in ks:
+            roles = inferred_roles(path, (xs, ks, rs))
+        if roles is None or len(ks) > weight.ndim:
+            raise ValueError(
+                f"{type(module).__name__} at {path!r} ({text!r}) cannot be factored: every "
+                "weight axis must be an input, output or batch axis, with at least one input and "
+                "one output axis, and the weight operand must not use '...'"
+            )
+        return roles
     if isinstance(module, nnx.Einsum):
         if module.einsum_str is None:
             raise ValueError(
@@ -455,10 +550,10 @@ def _local_roles(module: nnx.Module, path: str) -> str:
 
 def _full_roles(module: nnx.Module, path: str) -> str:
     local = _local_roles(module, path)
-    ndim = module.kernel.ndim
+    ndim = _weight(module).ndim
     if ndim < len(local):
         raise ValueError(
-            f"kernel at {path!r} has shape {tuple(module.kernel.shape)}, fewer axes than its "
+            f"kernel at {path!r} has shape {tuple(_weight(module).shape)}, fewer axes than its "
             f"{type(module).__name__} uses ({local!r})"
         )
     return "l" * (ndim - len(local)) + local
@@ -547,7 +642,7 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
     tree: dict[Any, Any] = {}  # the targeted kernels, laid out as the pure dict
     for path, module in modules:
         p = _join(path)
-        kernel = module.kernel[...]
+        kernel = _weight(module)[...]
         if not config.is_target(p, kernel):
             continue
         if _lora_class(type(module)) is None:
@@ -570,12 +665,34 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
             )
         plan[p] = (path, module, roles)
         set_in(tree, (*path, KERNEL), kernel)
+    others = _other_weights(model, {_join(p) for p, _ in modules})
+    matched = [(p, w) for p, w, _ in others if config.is_target(p, w)]
+    if matched and config.targets != ALL_LINEAR:
+        raise ValueError(
+            f"LoraConfig(targets={config.targets!r}) matches weights of modules the NNX frontend "
+            f"cannot adapt: {_listing(matched)}. The NNX adapter layers are nnx.Linear, "
+            "nnx.LinearGeneral, nnx.Einsum and registered einsum layers "
+            "(rslora_jax.frontends.registry.register_einsum_layer); exclude these or register "
+            "their class"
+        )
     if not plan:
         candidates = ", ".join(repr(_join(p)) for p, _ in modules[:30]) or "none"
         raise ValueError(
             f"LoraConfig(targets={config.targets!r}, exclude={config.exclude!r}) matched no "
             f"kernel of the NNX model. Candidate paths: {candidates}"
         )
+    matched = [(p, w) for p, w, embedding in others if not embedding and config.is_target(p, w)]
+    if matched:
+        warnings.warn(
+            "LoraConfig(targets='all-linear') leaves weights of modules the NNX frontend cannot "
+            f"adapt unadapted: {_listing(matched)}; register their class "
+            "(rslora_jax.frontends.registry.register_einsum_layer) to adapt them, or exclude "
+            "them (LoraConfig(exclude=...)) to silence this",
+            UserWarning,
+            stacklevel=3,
+        )
+    paths = [_join(p) for p, _ in modules] + [p for p, _, _ in others]
+    check_listed_targets(config, paths, " of the NNX model")
     method = config.method
     if method.shared_key is not None:
         stacked = [p for p, (_, m, roles) in plan.items() if len(roles) > len(_local_roles(m, p))]
@@ -591,12 +708,33 @@ def _plan(model: Any, config: LoraConfig) -> tuple[dict, dict]:
     return plan, tree
 
 
+def _other_weights(model: Any, layers: set[str]) -> list[tuple[str, Any, bool]]:
+    """``(path, weight, is embedding or output layer)`` of the `nnx.Param` weights (two or more
+    axes; not biases or scales) outside the adaptable layers `layers` (their paths)."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    out = []
+    for ref, holder in iter_weights(params):
+        if _join(ref.keys) in layers:
+            continue
+        names = (str(ref.name), *map(str, ref.keys[-1:]))
+        embedding = any("embed" in n.lower() for n in names) or (
+            ref.path.rsplit("/", 1)[-1] in OUTPUT_LAYER_NAMES
+        )
+        out.append((ref.path, holder[KERNEL], embedding))
+    return out
+
+
+def _listing(weights: list[tuple[str, Any]]) -> str:
+    shown = ", ".join(f"{p!r} {tuple(w.shape)}" for p, w in weights[:20])
+    return shown + (f" (and {len(weights) - 20} more)" if len(weights) > 20 else "")
+
+
 def _with_axes(config: LoraConfig, plan: dict) -> LoraConfig:
     """`config`, with the kernel axes read off the modules where the config cannot tell them."""
     known = True
     for p, (_, module, _) in plan.items():
         try:
-            config.axes_for(p, module.kernel.shape)
+            config.axes_for(p, _weight(module).shape)
         except ValueError:
             known = False
             break
@@ -616,12 +754,12 @@ def _attach_shared(config: LoraConfig, plan: dict, values: Mapping[str, Any]) ->
     mesh = meta_mesh = None
     extra: dict = {}
     for p, (_, module, roles) in plan.items():
-        spec, m, more = _kernel_metadata(module.kernel)
+        spec, m, more = _kernel_metadata(_weight(module))
         if spec is not None:
             meta_members[p] = _member_specs(spec, roles)
             meta_mesh = m if meta_mesh is None else meta_mesh
             extra = extra or more
-        sharding = _placed_sharding(module.kernel.get_raw_value())
+        sharding = _placed_sharding(_weight(module).get_raw_value())
         if sharding is not None:
             placed_members[p] = _member_specs(sharding.spec, roles)
             mesh = sharding.mesh if mesh is None else mesh
@@ -723,7 +861,7 @@ def add_adapters(
     if method.shared_key is not None and method.shared_key in adapters:
         shared = _attach_shared(cfg, plan, adapters[method.shared_key])
     for p, (path, module, roles) in plan.items():
-        kernel_var = module.kernel
+        kernel_var = _weight(module)
         kernel_value = kernel_var.get_raw_value()
         placed = _placed_sharding(kernel_value)
         spec, mesh, extra = _kernel_metadata(kernel_var)
@@ -769,7 +907,7 @@ def _strip(module: Any) -> None:
         if name in vars(module):
             delattr(module, name)
     plain = _base_class(type(module))
-    if is_quantized(module.kernel.get_raw_value()) and plain in QUANT_CLASSES:
+    if is_quantized(_weight(module).get_raw_value()) and plain in QUANT_CLASSES:
         plain = QUANT_CLASSES[plain]  # adapters removed from a quantized layer
     _set_class(module, plain)
 
@@ -820,7 +958,7 @@ def merge(model: Any) -> Any:
     method = config.method
     tree: dict[Any, Any] = {}  # the adapted layers alone, in the core layout
     for path, module in layers:
-        holder = {KERNEL: module.kernel[...]}
+        holder = {KERNEL: _weight(module)[...]}
         holder.update({name: getattr(module, name)[...] for name in method.leaves})
         if path:
             set_in(tree, path, holder)
@@ -830,7 +968,7 @@ def merge(model: Any) -> Any:
     merged = _merged_kernels(tree, config)
     for path, module in layers:
         _strip(module)
-        module.kernel.set_value(get(merged, path)[KERNEL])
+        _weight(module).set_value(get(merged, path)[KERNEL])
     return out
 
 
@@ -961,6 +1099,7 @@ def num_adapter_params(model: Any) -> int:
 __all__ = [
     "LoRAParam",
     "LoraEinsum",
+    "LoraEinsumLayer",
     "LoraLinear",
     "LoraLinearGeneral",
     "add_adapters",

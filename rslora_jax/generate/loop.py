@@ -9,6 +9,11 @@ The program (one `jax.jit` per model, adapters config, sampling settings and bat
 2. **decode**: a `jax.lax.while_loop` feeds each row's last token at its own position, one
    token per step, until every row has met a stop token or ``max_new_tokens`` are out.
 
+A model with LongRoPE (Phi-3) switches to its long frequencies once a sequence grows past the
+pre-training context; at the step where a row crosses that point, the cache is recomputed over
+every row's sequence so far (one more prefill, as transformers does), so that every step's
+logits equal a forward pass over the sequence so far.
+
 Rows are independent: a row's keys and values sit at its own positions and attention is causal
 by position, so padding is never attended to, and every row draws with its own key: a row's
 result is the one it gets alone (greedy tokens exactly; logits up to rounding).
@@ -43,7 +48,8 @@ from rslora_jax.core.sites import layout_for
 from rslora_jax.core.tree import KERNEL, adapted_holders, adapter_leaves, split
 from rslora_jax.frontends.linen import lora
 from rslora_jax.generate.sampling import SamplingConfig, next_tokens
-from rslora_jax.models.cache import constrain_cache, init_cache
+from rslora_jax.models.cache import constrain_cache, init_cache, needs_refill
+from rslora_jax.models.rope import is_dynamic
 from rslora_jax.ops.quantize import quantized_paths
 
 #: Prompts are right-padded to a multiple of this (fewer compilations for nearby lengths).
@@ -344,12 +350,19 @@ def _program(
             tokens, active = to_host(tokens), to_host(active)
             jax.debug.callback(host, step, tokens, active, ordered=mesh is None)
 
+    dynamic = any(is_dynamic(r) for r in config.arch.ropes)
+
+    def prefill(params: Params, ids: Array, length: int, index: Any, last: Array) -> Any:
+        """Logits at `last` of every row, and a new cache of `length` slots holding `ids`."""
+        b, width = ids.shape
+        cache = fix_cache(init_cache(config, b, length))
+        positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
+        return call(params, ids, positions, cache, index, last)
+
     def run(params: Params, ids: Array, lengths: Array, keys: PRNGKey, index: Any):
         b, width = ids.shape
         ids, lengths = fix_rows(ids), fix_rows(lengths)
-        cache = fix_cache(init_cache(config, b, width + max_new))
-        positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
-        logits, cache = call(params, ids, positions, cache, index, lengths - 1)
+        logits, cache = prefill(params, ids, width + max_new, index, lengths - 1)
         logits = logits[:, 0].astype(jnp.float32)
         token = next_tokens(logits, keys, jnp.int32(0), sampling)
         report(jnp.int32(0), token, jnp.ones((b,), bool))
@@ -367,7 +380,22 @@ def _program(
 
         def body(state: Any) -> Any:
             step, token, position, done, count, out, saved, cache = state
-            logits, cache = call(params, token[:, None], position[:, None], cache, index, None)
+
+            def decode(cache: Any) -> Any:
+                return call(params, token[:, None], position[:, None], cache, index, None)
+
+            def refill(cache: Any) -> Any:  # every row's sequence so far, prefilled again
+                del cache
+                cols = lengths[:, None] + jnp.arange(max_new, dtype=jnp.int32)
+                seq = jnp.zeros((b, width + max_new), jnp.int32).at[:, :width].set(ids)
+                seq = seq.at[jnp.arange(b)[:, None], cols].set(out)
+                return prefill(params, seq, width + max_new, index, position)
+
+            if dynamic:
+                crossing = jnp.any(needs_refill(config, position) & ~done)
+                logits, cache = jax.lax.cond(crossing, refill, decode, cache)
+            else:
+                logits, cache = decode(cache)
             logits = logits[:, 0].astype(jnp.float32)
             new = next_tokens(logits, keys, step, sampling)
             new = jnp.where(done, pad, new)

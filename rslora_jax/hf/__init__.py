@@ -9,13 +9,14 @@ The model side (config class, parameters, module names) comes from the family re
 transformers (and torch) are imported lazily inside the functions that need them.
 """
 
-from rslora_jax.hf.checkpoint import load_config, load_pretrained, save_pretrained
+from rslora_jax.hf.checkpoint import check_pretrained, load_config, load_pretrained, save_pretrained
 from rslora_jax.hf.io import load_tokenizer
 from rslora_jax.hf.peft import PeftFormatWarning, export_peft, import_peft
 from rslora_jax.models.families import flax_module_path, hf_module_name
 
 __all__ = [
     "PeftFormatWarning",
+    "check_pretrained",
     "export_peft",
     "flax_module_path",
     "hf_module_name",

@@ -13,6 +13,7 @@ Method-specific fields (``use_dora``, ``init_lora_weights``) are checked in
 
 from __future__ import annotations
 
+import difflib
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,23 @@ NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
     "velora_config": (None,),
     "megatron_config": (None,),
 }
+
+
+# Every field of PEFT's LoraConfig (and PeftConfig) as of PEFT 0.21; a field outside this set is
+# a typo (e.g. "lora_alhpa", which PEFT would reject or ignore) or from a newer PEFT: a warning.
+KNOWN_FIELDS = frozenset(
+    {
+        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
+        "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying", "eva_config",
+        "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights",
+        "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
+        "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config",
+        "megatron_config", "megatron_core", "modules_to_save", "monteclora_config", "peft_type",
+        "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config",
+        "target_modules", "target_parameters", "task_type", "trainable_token_indices",
+        "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config",
+    }
+)  # fmt: skip
 
 
 class PeftFormatWarning(UserWarning):
@@ -112,6 +130,18 @@ def check_options(meta: Mapping[str, Any], path: Path, strict: bool) -> None:
     if meta.get("peft_type") != "LORA":
         raise ValueError(
             f"{where} has peft_type={meta.get('peft_type')!r}; only 'LORA' adapters are supported"
+        )
+    unknown = sorted(set(meta) - KNOWN_FIELDS)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(KNOWN_FIELDS), n=1, cutoff=0.8)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        warnings.warn(
+            f"{where} has fields that PEFT's LoraConfig does not define: {', '.join(hints)}; "
+            "they are ignored (a typo, or a field of a newer PEFT)",
+            PeftFormatWarning,
+            stacklevel=3,
         )
     for field, neutral in NEUTRAL_OPTIONS.items():
         if field in meta and meta[field] not in neutral:

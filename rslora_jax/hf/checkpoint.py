@@ -30,7 +30,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ from rslora_jax.models.families import (
     flax_module_path,
     hf_module_name,
 )
+from rslora_jax.ops.finite import NonFiniteError, nonfinite_paths
 from rslora_jax.ops.quantize import check_plain
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -62,6 +63,20 @@ _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bi
 # Name mapping
 
 
+class _Slot(NamedTuple):
+    """Where one of our arrays (one layer of a stacked leaf) lives in the checkpoint.
+
+    ``offset``/``size``: the rows (HF's output axis 0) of a fused tensor that hold it (Phi-3's
+    ``qkv_proj``: q, k, v), or None for a whole tensor; ``total``: the fused tensor's rows.
+    """
+
+    name: str
+    transposed: bool
+    offset: int | None = None
+    size: int | None = None
+    total: int | None = None
+
+
 def _hf_tensor_name(
     fam: ModelFamily, leaf_path: tuple[str, ...], layer: int | None
 ) -> tuple[str, bool]:
@@ -72,7 +87,11 @@ def _hf_tensor_name(
             f"parameter {'/'.join(leaf_path)!r} has no Hugging Face counterpart "
             f"(leaf {leaf!r}; expected one of {sorted(_LEAF_TO_HF)})"
         )
-    name = fam.hf_module_name("/".join(module), layer)
+    path = "/".join(module)
+    fused = fam.fused_path(path)
+    if fused is not None:
+        path = fused[1]
+    name = fam.hf_module_name(path, layer)
     return f"{name}.{_LEAF_TO_HF[leaf]}", leaf == "kernel"
 
 
@@ -82,16 +101,32 @@ def _path_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
 
 def _leaf_specs(
     fam: ModelFamily, abstract: Params, scanned: bool
-) -> dict[tuple[str, ...], list[tuple[str, bool]]]:
-    """For each leaf of an (abstract) tree: its HF tensor names (one per stacked layer)."""
-    specs: dict[tuple[str, ...], list[tuple[str, bool]]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
-        keys = _path_keys(path)
-        if fam.is_stacked(keys, scanned):
-            specs[keys] = [_hf_tensor_name(fam, keys, i) for i in range(leaf.shape[0])]
-        else:
-            specs[keys] = [_hf_tensor_name(fam, keys, None)]
+) -> dict[tuple[str, ...], list[_Slot]]:
+    """For each leaf of an (abstract) tree: its HF tensors (one per stacked layer)."""
+    leaves = {_path_keys(p): x for p, x in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    specs: dict[tuple[str, ...], list[_Slot]] = {}
+    for keys, leaf in leaves.items():
+        stacked = fam.is_stacked(keys, scanned)
+        layers: list[int | None] = list(range(leaf.shape[0])) if stacked else [None]
+        fused = fam.fused_path("/".join(keys[:-1]))
+        rows: tuple[int | None, int | None, int | None] = (None, None, None)
+        if fused is not None:  # rows of the fused tensor: members' outputs, in order
+            group, fused_path, index = fused
+            sizes = [
+                int(leaves[(*m.split("/"), keys[-1])].shape[-1])
+                for m in group.member_paths(fused_path)
+            ]
+            rows = (sum(sizes[:index]), sizes[index], sum(sizes))
+        specs[keys] = [_Slot(*_hf_tensor_name(fam, keys, i), *rows) for i in layers]
     return specs
+
+
+def _hf_shape(slot: _Slot, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor's shape, from our per-layer array shape."""
+    hf = tuple(reversed(shape)) if slot.transposed else tuple(shape)
+    if slot.total is not None:
+        hf = (slot.total, *hf[1:])
+    return hf
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -114,8 +149,10 @@ def load_config(directory: str | os.PathLike[str]) -> Any:
         The transformers config object.
 
     Raises:
-        ValueError: if there is no config.json, it is not a JSON object, or no model family
-            (:data:`rslora_jax.models.families.FAMILIES`) serves its ``model_type``.
+        ValueError: naming the file: there is no config.json, it is not a JSON object, no
+            model family (:data:`rslora_jax.models.families.FAMILIES`) serves its
+            ``model_type``, a size field (``hidden_size``, ``num_attention_heads``, ...) is not a
+            positive integer, or transformers cannot read it.
 
     Example:
         >>> import tempfile
@@ -130,15 +167,61 @@ def load_config(directory: str | os.PathLike[str]) -> Any:
     _files.recover_directory(path)
     if not (path / CONFIG_NAME).is_file():
         raise ValueError(f"load_config: {str(path)!r} has no {CONFIG_NAME}")
-    model_type = hf_io.read_json(path / CONFIG_NAME, "load_config").get("model_type")
+    raw = hf_io.read_json(path / CONFIG_NAME, "load_config")
+    model_type = raw.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(
             f"load_config: {str(path / CONFIG_NAME)!r} has model_type={model_type!r}; "
             f"supported: {tuple(FAMILIES)}"
         )
+    _check_sizes(raw, path / CONFIG_NAME)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as err:  # transformers' errors vary (ValueError, TypeError, ...)
+        raise ValueError(
+            f"load_config: transformers cannot read {str(path / CONFIG_NAME)!r}: "
+            f"{type(err).__name__}: {err}"
+        ) from None
+
+
+#: config.json fields that must be positive integers where present (a zero one divides by zero
+#: inside transformers or gives empty tensors).
+_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+
+
+def _check_sizes(raw: dict[str, Any], file: Path) -> None:
+    """The size fields of a raw config.json: positive integers, heads a multiple of kv heads."""
+    for field in _SIZE_FIELDS:
+        value = raw.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"load_config: {str(file)!r} has {field}={value!r}; expected a positive integer"
+            )
+    heads, kv = raw.get("num_attention_heads"), raw.get("num_key_value_heads")
+    if heads is not None and kv is not None and heads % kv:
+        raise ValueError(
+            f"load_config: {str(file)!r} has num_attention_heads={heads}, which is not a "
+            f"multiple of num_key_value_heads={kv}"
+        )
+    if heads is not None and raw.get("head_dim") is None and raw.get("hidden_size") is not None:
+        if raw["hidden_size"] % heads:
+            raise ValueError(
+                f"load_config: {str(file)!r} has hidden_size={raw['hidden_size']}, which is not "
+                f"a multiple of num_attention_heads={heads} (and no head_dim)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +275,10 @@ def _check_names(
     missing = sorted(set(expected) - present, key=_natural_key)
     unexpected = sorted(present - set(expected) - ignored, key=_natural_key)
     if missing or unexpected:
-        msg = [f"checkpoint {str(directory)!r} does not match its {config.model_type} config:"]
+        msg = [
+            f"the weights in {str(directory)!r} do not match its {CONFIG_NAME} "
+            f"({config.model_type}, num_hidden_layers={getattr(config, 'num_hidden_layers', None)}):"
+        ]
         if missing:
             msg.append(f"missing tensors ({len(missing)}): {missing[:10]}")
         if unexpected:
@@ -202,7 +288,8 @@ def _check_names(
         if reader.shape[name] != shape:
             raise ValueError(
                 f"tensor {name!r} in {str(reader.files[name])!r} has shape "
-                f"{reader.shape[name]}, expected {shape} from the config"
+                f"{reader.shape[name]}, expected {shape} from "
+                f"{str(directory / CONFIG_NAME)!r}"
             )
         if reader.dtype[name] not in hf_io.ST_DTYPES:
             raise ValueError(
@@ -211,23 +298,103 @@ def _check_names(
             )
 
 
+def _our_config(fam: ModelFamily, hf_config: Any, path: Path, **kwargs: Any) -> Any:
+    """The family's config from a transformers config; errors name the config file."""
+    try:
+        return fam.from_hf(hf_config, **kwargs)
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as err:
+        raise ValueError(f"{str(path / CONFIG_NAME)!r}: {err}") from None
+
+
+def _expected(
+    fam: ModelFamily, config: Any, scan_layers: bool
+) -> tuple[Params, dict[tuple[str, ...], list[_Slot]], dict[str, tuple[int, ...]]]:
+    """(abstract params, HF names per leaf, HF tensor name -> shape) that `config` calls for."""
+    abstract = fam.abstract_params(config)
+    specs = _leaf_specs(fam, abstract, scanned=scan_layers)
+    expected: dict[str, tuple[int, ...]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        keys = _path_keys(path)
+        shape = leaf.shape[1:] if fam.is_stacked(keys, scan_layers) else leaf.shape
+        for slot in specs[keys]:
+            expected[slot.name] = _hf_shape(slot, shape)
+    return abstract, specs, expected
+
+
+def check_pretrained(directory: str | os.PathLike[str]) -> Any:
+    """Checks a Hugging Face checkpoint directory without reading any tensor.
+
+    Everything `load_pretrained` refuses that the files' metadata show: config.json (readable,
+    a supported ``model_type``, positive sizes, a model the family can build), the shard index
+    (file names inside the directory, the files present), every weight file's header against
+    its size (empty, truncated, damaged), and every tensor's name, shape and dtype against the
+    config. A command calls it before it creates anything.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        The transformers config (as `load_config` returns it).
+
+    Raises:
+        ValueError: naming the file (and the tensor) at fault.
+
+    Example:
+        >>> import tempfile
+        >>> from rslora_jax.models import LlamaConfig, init_params
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> cfg = LlamaConfig.tiny()
+        >>> save_pretrained(tmp.name, init_params(cfg, jax.random.key(0)), cfg)
+        >>> check_pretrained(tmp.name).model_type
+        'llama'
+        >>> file = Path(tmp.name) / CONFIG_NAME
+        >>> _ = file.write_text(file.read_text().replace('"intermediate_size": 48', '"intermediate_size": 40'))
+        >>> check_pretrained(tmp.name)
+        Traceback (most recent call last):
+        ...
+        ValueError: tensor 'model.layers.0.mlp.down_proj.weight' in '.../model.safetensors' has shape (32, 48), expected (32, 40) from '.../config.json'
+        >>> tmp.cleanup()
+    """
+    path = Path(directory)
+    hf_config = load_config(path)
+    fam = family(hf_config.model_type, "check_pretrained")
+    config = _our_config(fam, hf_config, path, scan_layers=True)
+    _, _, expected = _expected(fam, config, scan_layers=True)
+    with contextlib.ExitStack() as stack:
+        reader = hf_io.TensorReader(_weight_files(path), stack)
+        _check_names(reader, expected, fam, config, path)
+    return hf_config
+
+
 def _leaf_callback(
     reader: hf_io.TensorReader,
-    names: list[tuple[str, bool]],
+    slots: list[_Slot],
     stacked: bool,
     dtype: np.dtype,
 ) -> Callable[[tuple[slice, ...]], np.ndarray]:
-    def read_one(name: str, transposed: bool, index: tuple[slice, ...]) -> np.ndarray:
-        hf_index = tuple(reversed(index)) if transposed else index
-        x = reader.read(name, hf_index)
-        return np.ascontiguousarray(x.T if transposed else x, dtype=dtype)
+    def read_one(slot: _Slot, index: tuple[slice, ...]) -> np.ndarray:
+        hf_index = tuple(reversed(index)) if slot.transposed else index
+        if slot.offset is not None:  # a member of a fused tensor: shift its rows
+            start, stop, step = hf_index[0].indices(slot.size)  # type: ignore[arg-type]
+            rows = slice(slot.offset + start, slot.offset + stop, step)
+            hf_index = (rows, *hf_index[1:])
+        raw = reader.read(slot.name, hf_index)
+        x = np.ascontiguousarray(raw.T if slot.transposed else raw, dtype=dtype)
+        if not np.isfinite(x).all():
+            raise ValueError(
+                f"tensor {slot.name!r} in {str(reader.files[slot.name])!r} holds NaN or Inf "
+                "values"
+                + (f" once cast to {dtype}" if np.isfinite(raw).all() else "")
+                + ": the weights are damaged (or overflow the param_dtype)"
+            )
+        return x
 
     def callback(index: tuple[slice, ...]) -> np.ndarray:
         index = tuple(index)
         if not stacked:
-            return read_one(*names[0], index)
-        layers = range(len(names))[index[0]]
-        return np.stack([read_one(*names[i], index[1:]) for i in layers])
+            return read_one(slots[0], index)
+        layers = range(len(slots))[index[0]]
+        return np.stack([read_one(slots[i], index[1:]) for i in layers])
 
     return callback
 
@@ -242,10 +409,13 @@ def load_pretrained(
     transform: Callable[[str, jax.Array], Any] | None = None,
     **runtime: Any,
 ) -> tuple[Any, Params]:
-    """Loads a Hugging Face checkpoint directory (Llama, Mistral, Qwen2) into our params tree.
+    """Loads a Hugging Face checkpoint directory (any registered family) into our params tree.
 
     The model family is chosen by the config's ``model_type``
-    (:data:`rslora_jax.models.families.FAMILIES`). Only safetensors weights are read
+    (:data:`rslora_jax.models.families.FAMILIES`: Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+    Gemma 3 text, Phi-3); tensors the checkpoint stores fused (Phi-3's ``qkv_proj``,
+    ``gate_up_proj``) are split into our modules, each device reading only its rows when
+    sharded. Only safetensors weights are read
     (``model.safetensors`` or a sharded ``model.safetensors.index.json``); PyTorch pickles are
     refused.
 
@@ -267,12 +437,14 @@ def load_pretrained(
             :class:`~rslora_jax.models.LlamaConfig`: ``remat``, ``attention_impl``).
 
     Returns:
-        ``(config, params)``: our config (a :class:`~rslora_jax.models.LlamaConfig` for the
-        Llama family) and the params.
+        ``(config, params)``: our config (the family's, e.g. a
+        :class:`~rslora_jax.models.GemmaConfig` for Gemma) and the params.
 
     Raises:
-        ValueError: unsupported model type, pickle-only directory, missing or unexpected
-            tensors, shape mismatches, or shardings that do not match the params.
+        ValueError: unsupported model type, pickle-only directory, damaged weight files,
+            missing or unexpected tensors, shape mismatches (all found before any tensor is
+            read, see `check_pretrained`), a tensor holding NaN or Inf values, or shardings
+            that do not match the params.
 
     Example:
         >>> import tempfile
@@ -289,25 +461,19 @@ def load_pretrained(
     hf_config = load_config(path)
     fam = family(hf_config.model_type, "load_pretrained")
     param_dtype = jnp.dtype(param_dtype)
-    config = fam.from_hf(
+    config = _our_config(
+        fam,
         hf_config,
+        path,
         dtype=param_dtype if dtype is None else dtype,
         param_dtype=param_dtype,
         scan_layers=scan_layers,
         **runtime,
     )
-    abstract = fam.abstract_params(config)
-    specs = _leaf_specs(fam, abstract, scanned=scan_layers)
+    abstract, specs, expected = _expected(fam, config, scan_layers)
     abstract_leaves = {
         _path_keys(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
     }
-    expected: dict[str, tuple[int, ...]] = {}
-    for keys, names in specs.items():
-        shape = abstract_leaves[keys].shape
-        if fam.is_stacked(keys, scan_layers):
-            shape = shape[1:]
-        for name, transposed in names:
-            expected[name] = tuple(reversed(shape)) if transposed else tuple(shape)
 
     treedef = jax.tree.structure(abstract)
     if shardings is None:
@@ -398,13 +564,15 @@ def save_pretrained(
     *,
     max_shard_size: int | str = "2GB",
     dtype: Any = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
     """Writes plain (merged) params as a Hugging Face checkpoint directory.
 
     The result (config.json, ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` plus
     ``model.safetensors.index.json``, PyTorch names and ``(out, in)`` layout) loads with
-    ``transformers.AutoModelForCausalLM.from_pretrained(directory)``. The files are written into
-    a new directory next to ``directory``, which then replaces ``directory`` in one step
+    ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` as the family's class
+    (modules the checkpoint format fuses, Phi-3's ``qkv_proj``, are joined). The files are
+    written into a new directory next to ``directory``, which then replaces it in one step
     (:func:`rslora_jax._files.staged_directory`): a reader, or a crash, sees either the old
     save or the new one complete, and a failed save leaves the old directory intact. Other
     files already in ``directory`` (a tokenizer, a README) are kept; weight files of an earlier
@@ -422,11 +590,13 @@ def save_pretrained(
         max_shard_size: largest shard in bytes, or a string like ``"2GB"`` (10^9) or
             ``"500MiB"`` (2^20). A tensor larger than this gets a shard of its own.
         dtype: dtype to store; None keeps each array's dtype.
+        extra: called with the staging directory to write more files (a tokenizer) that
+            appear together with the weights, in the same swap.
 
     Raises:
-        ValueError: adapter leaves, params that do not match the config, a bad shard size,
-            a target file name that is a symbolic link, or a ``directory`` that is a file or
-            the current working directory.
+        ValueError: adapter leaves, params that do not match the config, values that are NaN
+            or Inf (or overflow `dtype`), a bad shard size, a target file name that is a
+            symbolic link, or a ``directory`` that is a file or the current working directory.
 
     Example:
         >>> import tempfile
@@ -479,21 +649,32 @@ def save_pretrained(
                 f"save_pretrained: {'/'.join(keys)!r} has dtype {leaf_dtype}; pass dtype="
             )
 
-    # One entry per HF tensor: name -> (getter, nbytes).
+    bad, after = nonfinite_paths(params), ""
+    if not bad and out_dtype is not None:
+        bad, after = nonfinite_paths(params, out_dtype), f" once cast to {out_dtype}"
+    if bad:
+        raise NonFiniteError(
+            f"save_pretrained: the params hold NaN or Inf values{after} at {len(bad)} "
+            f"leaf(s): {bad[:10]}; refusing to write {str(directory)!r}"
+        )
+
+    # One entry per HF tensor: name -> (getter, nbytes); fused tensors join their members.
     specs = _leaf_specs(fam, abstract, scanned)
-    tensors: dict[str, tuple[Callable[[], np.ndarray], int]] = {}
-    for keys, names in specs.items():
+    parts: dict[str, list[tuple[int, Callable[[], np.ndarray]]]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, np.dtype] = {}
+    for keys, slots in specs.items():
         leaf = given[keys]
         leaf_dtype = np.dtype(leaf.dtype) if out_dtype is None else out_dtype
         stacked = fam.is_stacked(keys, scanned)
-        for i, (name, transposed) in enumerate(names):
+        for i, slot in enumerate(slots):
             shape = expected[keys].shape[1:] if stacked else expected[keys].shape
 
             def get(
                 leaf: Any = leaf,
                 i: int = i,
                 stacked: bool = stacked,
-                t: bool = transposed,
+                t: bool = slot.transposed,
                 dt: np.dtype = leaf_dtype,
             ) -> np.ndarray:
                 x = np.asarray(leaf[i] if stacked else leaf)
@@ -501,7 +682,20 @@ def save_pretrained(
                     x = x.T
                 return np.ascontiguousarray(x, dtype=dt)
 
-            tensors[name] = (get, int(np.prod(shape)) * leaf_dtype.itemsize)
+            parts.setdefault(slot.name, []).append((slot.offset or 0, get))
+            shapes[slot.name] = _hf_shape(slot, tuple(shape))
+            dtypes[slot.name] = leaf_dtype
+
+    def joined(getters: list[tuple[int, Callable[[], np.ndarray]]]) -> Callable[[], np.ndarray]:
+        if len(getters) == 1:
+            return getters[0][1]
+        ordered = [g for _, g in sorted(getters, key=lambda p: p[0])]
+        return lambda: np.concatenate([g() for g in ordered], axis=0)
+
+    tensors: dict[str, tuple[Callable[[], np.ndarray], int]] = {
+        name: (joined(getters), int(np.prod(shapes[name])) * dtypes[name].itemsize)
+        for name, getters in parts.items()
+    }
     order = sorted(tensors, key=_natural_key)
     shards: list[list[str]] = []
     size = 0
@@ -549,9 +743,12 @@ def save_pretrained(
                 f.write("\n")
         with open(staging / CONFIG_NAME, "w", encoding="utf-8") as f:
             f.write(config_json)
+        if extra is not None:
+            extra(staging)
 
 
 __all__ = [
+    "check_pretrained",
     "flax_module_path",
     "hf_module_name",
     "load_config",

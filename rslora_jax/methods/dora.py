@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from rslora_jax._types import PRNGKey, PyTree
 from rslora_jax.core.protocol import Leaf, Method, Site, register_method
-from rslora_jax.core.tree import get, merge_disjoint, set_in
+from rslora_jax.core.tree import get, merge_disjoint, set_in, weight_at
 from rslora_jax.methods.lora import A, B, LoRA
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -87,7 +87,7 @@ def dora_matrix(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, m: jax.A
 
 
 def _concrete_kernel(params: PyTree, site: Site) -> jax.Array:
-    kernel = get(params, site.keys)["kernel"]
+    kernel = weight_at(params, site.path)
     if isinstance(kernel, jax.ShapeDtypeStruct):
         raise ValueError(
             f"DoRA (LoraConfig.use_dora=True) reads the kernel at {site.path!r} to initialise "

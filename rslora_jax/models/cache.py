@@ -13,6 +13,11 @@ reaches it. A row therefore computes exactly what it computes alone.
 A model call with a cache (``model.apply(variables, ids, positions, cache=cache)``) writes the
 new tokens' keys and values (`update_cache`, one helper for every layer) and attends over the
 whole cache (`attend_cached`); the layers are scanned over the cache's leading axis.
+
+LongRoPE (Phi-3) changes its frequencies once a sequence grows past the pre-training context
+(``original_max_position_embeddings``): every key and value computed before, in every layer,
+is then stale. A caller decoding across that point runs the prefill again over the whole
+sequence, as transformers does (`rslora_jax.generate` does so; `needs_refill` tells when).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import jax.numpy as jnp
 
 from rslora_jax._types import Array
 from rslora_jax.models.attention import attention
+from rslora_jax.models.rope import is_dynamic
 
 
 class KVCache(NamedTuple):
@@ -138,6 +144,35 @@ def attend_cached(
     return out, new
 
 
+def needs_refill(config: Any, positions: Array) -> Array:
+    """Whether decoding the tokens at `positions` crosses a LongRoPE switch point: a row whose
+    sequence grows from ``original_max_position_embeddings`` tokens to one more (its cache,
+    filled with the short frequencies, must be recomputed with the long ones). False for
+    every model without LongRoPE.
+
+    Args:
+      config: the model config (``arch.ropes``).
+      positions: ``(B,)`` positions of the tokens about to be decoded.
+
+    Returns:
+      ``(B,)`` booleans.
+
+    Example:
+      >>> from rslora_jax.models.phi3 import Phi3Config
+      >>> cfg = Phi3Config.tiny(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 4,
+      ...     "long_factor": [2.0] * 4, "original_max_position_embeddings": 8})
+      >>> needs_refill(cfg, jnp.array([7, 8, 9])).tolist()
+      [False, True, False]
+    """
+    switch = [
+        r.scaling.original_max_position_embeddings for r in config.arch.ropes if is_dynamic(r)
+    ]
+    out = jnp.zeros(positions.shape, bool)
+    for n in sorted(set(switch)):
+        out = out | (positions == n)
+    return out
+
+
 def constrain_cache(cache: KVCache, mesh: Any, batch_axes: Any, head_axis: Any) -> KVCache:
     """The cache with a sharding constraint: rows over `batch_axes`, K/V heads over `head_axis`
     (None: not split), for decoding on a device mesh."""
@@ -148,4 +183,11 @@ def constrain_cache(cache: KVCache, mesh: Any, batch_axes: Any, head_axis: Any) 
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), cache)
 
 
-__all__ = ["KVCache", "attend_cached", "constrain_cache", "init_cache", "update_cache"]
+__all__ = [
+    "KVCache",
+    "attend_cached",
+    "constrain_cache",
+    "init_cache",
+    "needs_refill",
+    "update_cache",
+]

@@ -6,20 +6,36 @@ our module paths and HF module names, the Linear modules (our path -> HF names p
 layer, ``d_in``, ``d_out``), and what PEFT's ``"all-linear"`` covers. The checkpoint and PEFT
 code in :mod:`rslora_jax.hf` looks the family up instead of naming a model.
 
-Registered today: ``llama``, ``mistral`` and ``qwen2``, all served by the Llama family
-(:mod:`rslora_jax.models.llama`).
+Registered families (each a config class, an HF name map, its projection groups and its
+sharding policy; every one runs on the shared decoder, :mod:`rslora_jax.models.decoder`):
+
+====== ===================================== ==========================================
+family model types                           config class
+====== ===================================== ==========================================
+llama  ``llama``, ``mistral``, ``qwen2``     :class:`~rslora_jax.models.llama.LlamaConfig`
+gemma  ``gemma2``, ``gemma3_text``           :class:`~rslora_jax.models.gemma.GemmaConfig`
+qwen3  ``qwen3``                             :class:`~rslora_jax.models.qwen3.Qwen3Config`
+phi3   ``phi3``                              :class:`~rslora_jax.models.phi3.Phi3Config`
+====== ===================================== ==========================================
 
 A family's config class must provide ``from_hf`` (as the ``from_hf`` field), ``to_hf()``,
 ``replace(**changes)`` and the attributes ``model_type``, ``scan_layers`` and
-``tie_word_embeddings``, as :class:`~rslora_jax.models.llama.LlamaConfig` does.
+``tie_word_embeddings``, as :class:`~rslora_jax.models.architecture.DecoderConfig` does.
 
-Name mapping of the Llama family (see :func:`hf_module_name` and :func:`flax_module_path`)::
+Name mapping (see :func:`hf_module_name` and :func:`flax_module_path`): our module names are
+Hugging Face's, so the map only moves the layer index::
 
     model/embed_tokens                  <-> model.embed_tokens
     model/layers/self_attn/q_proj [i]   <-> model.layers.{i}.self_attn.q_proj   (scanned)
     model/layers/{i}/mlp/up_proj        <-> model.layers.{i}.mlp.up_proj        (not scanned)
     model/norm                          <-> model.norm
     lm_head                             <-> lm_head
+
+Fused modules (:class:`FusedModule`): where a checkpoint stores several of our projections as
+one Linear (Phi-3's ``self_attn.qkv_proj`` = q, k, v rows; ``mlp.gate_up_proj`` = gate, up
+rows), the family lists them; :mod:`rslora_jax.hf` splits them on load and joins them on
+export (weights and PEFT adapters), and :meth:`ModelFamily.fused_view` is the family as
+Hugging Face sees it (its Linear modules are the fused ones).
 """
 
 from __future__ import annotations
@@ -33,7 +49,12 @@ import jax
 import numpy as np
 
 from rslora_jax._types import Params, PRNGKey
-from rslora_jax.models.llama import LlamaConfig, init_params
+from rslora_jax.models import sharding
+from rslora_jax.models.decoder import DecoderForCausalLM, init_params
+from rslora_jax.models.gemma import GemmaConfig
+from rslora_jax.models.llama import LlamaConfig
+from rslora_jax.models.phi3 import Phi3Config
+from rslora_jax.models.qwen3 import Qwen3Config
 
 _LAYERS = ("model", "layers")
 
@@ -136,6 +157,85 @@ def _path_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
+class FusedModule:
+    """Several of our Linear modules that a checkpoint stores as one (outputs stacked in order).
+
+    Attributes:
+        parent: the dict holding them in a layer (e.g. ``self_attn``).
+        name: the fused module's name there (e.g. ``qkv_proj``).
+        members: our modules, in the order of the fused output rows (e.g. q, k, v).
+
+    Example:
+        >>> f = FusedModule("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj"))
+        >>> f.fused_path("model/layers/3/self_attn/k_proj")
+        ('model/layers/3/self_attn/qkv_proj', 1)
+        >>> f.fused_path("model/layers/3/mlp/up_proj") is None
+        True
+    """
+
+    parent: str
+    name: str
+    members: tuple[str, ...]
+
+    def fused_path(self, path: str) -> tuple[str, int] | None:
+        """``(fused module path, member index)`` if `path` is a member under the layers."""
+        parts = path.split("/")
+        if len(parts) < 4 or tuple(parts[:2]) != _LAYERS or parts[-2] != self.parent:
+            return None
+        if parts[-1] not in self.members:
+            return None
+        return "/".join([*parts[:-1], self.name]), self.members.index(parts[-1])
+
+    def member_paths(self, fused: str) -> tuple[str, ...]:
+        """Our member module paths of the fused module path `fused`."""
+        head = fused.rsplit("/", 1)[0]
+        return tuple(f"{head}/{m}" for m in self.members)
+
+
+def fuse_params(fused: Iterable[FusedModule], params: Params) -> Params:
+    """The base tree as the checkpoint lays it out: each fused module's members replaced by one
+    holder whose kernel (and bias) concatenates theirs along the output axis.
+
+    Works on arrays and tracers (under `jax.eval_shape` on shapes only). Adapter leaves are
+    refused (the PEFT format fuses adapters itself).
+
+    Raises:
+        ValueError: a member holds adapter leaves, or only some members exist.
+    """
+    groups = tuple(fused)
+
+    def walk(node: Any, keys: tuple[str, ...]) -> Any:
+        if not isinstance(node, Mapping):
+            return node
+        out = {k: walk(v, (*keys, str(k))) for k, v in node.items()}
+        in_layers = tuple(keys[:2]) == _LAYERS
+        for g in groups:
+            if not in_layers or not keys or keys[-1] != g.parent:
+                continue
+            present = [m for m in g.members if m in out]
+            if not present:
+                continue
+            where = "/".join(keys)
+            if len(present) != len(g.members):
+                raise ValueError(
+                    f"{where}: {g.name} fuses {list(g.members)}, but only {present} exist"
+                )
+            holders = [out.pop(m) for m in g.members]
+            extra = sorted({k for h in holders for k in h} - {"kernel", "bias"})
+            if extra:
+                raise ValueError(f"{where}: cannot fuse {list(g.members)} holding {extra}")
+            fused_holder = {
+                "kernel": jax.numpy.concatenate([h["kernel"] for h in holders], axis=-1)
+            }
+            if "bias" in holders[0]:
+                fused_holder["bias"] = jax.numpy.concatenate([h["bias"] for h in holders], -1)
+            out[g.name] = fused_holder
+        return out
+
+    return walk(params, ())
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelFamily:
     """What the HF checkpoint and PEFT formats need to know about one of our models.
 
@@ -152,6 +252,9 @@ class ModelFamily:
         embedding_name: HF name of the token embedding (adapters there are not supported).
         output_name: HF name of the output layer ("all-linear" leaves it out, as PEFT does).
         ignored_tensor_suffixes: tensors some checkpoints carry that the model recomputes.
+        fused: the modules the checkpoint stores fused (:class:`FusedModule`).
+        module: ``config -> flax module`` of the causal LM (``apply(..., input_ids)``).
+        param_specs: the sharding policy, ``(abstract params, mesh axes) -> PartitionSpecs``.
 
     Example:
         >>> fam = family("qwen2")
@@ -173,6 +276,9 @@ class ModelFamily:
     embedding_name: str = "model.embed_tokens"
     output_name: str = "lm_head"
     ignored_tensor_suffixes: tuple[str, ...] = ()
+    fused: tuple[FusedModule, ...] = ()
+    module: Callable[[Any], Any] = DecoderForCausalLM
+    param_specs: Callable[..., Any] = sharding.param_specs
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -243,6 +349,33 @@ class ModelFamily:
             modules[joined] = LinearModule(joined, names, int(d_in), int(d_out), stacked)
         return modules
 
+    def fused_path(self, path: str) -> tuple[FusedModule, str, int] | None:
+        """``(fused module, its path, member index)`` if our module `path` is stored fused."""
+        for g in self.fused:
+            found = g.fused_path(path)
+            if found is not None:
+                return g, *found
+        return None
+
+    def fused_view(self) -> ModelFamily:
+        """This family as the checkpoint names it: its params (and Linear modules) hold the
+        fused modules instead of their members (itself when nothing is fused).
+
+        Example:
+            >>> from rslora_jax.models.phi3 import Phi3Config
+            >>> view = family("phi3").fused_view()
+            >>> sorted(view.linear_modules(Phi3Config.tiny()))[-2:]
+            ['model/layers/self_attn/o_proj', 'model/layers/self_attn/qkv_proj']
+        """
+        if not self.fused:
+            return self
+        base_init, groups = self.init_params, self.fused
+
+        def init(config: Any, key: PRNGKey) -> Params:
+            return fuse_params(groups, base_init(config, key))
+
+        return dataclasses.replace(self, init_params=init, fused=())
+
     def all_linear(self, names: Iterable[str]) -> list[str]:
         """What PEFT's ``target_modules="all-linear"`` expands to among these HF module names.
 
@@ -267,10 +400,35 @@ LLAMA = ModelFamily(
     init_params=init_params,
     ignored_tensor_suffixes=(".rotary_emb.inv_freq",),  # old Llama checkpoints carry it
 )
+GEMMA = ModelFamily(
+    name="gemma",
+    architectures=(("gemma2", "Gemma2ForCausalLM"), ("gemma3_text", "Gemma3ForCausalLM")),
+    config_class=GemmaConfig,
+    from_hf=GemmaConfig.from_hf,
+    init_params=init_params,
+)
+QWEN3 = ModelFamily(
+    name="qwen3",
+    architectures=(("qwen3", "Qwen3ForCausalLM"),),
+    config_class=Qwen3Config,
+    from_hf=Qwen3Config.from_hf,
+    init_params=init_params,
+)
+PHI3 = ModelFamily(
+    name="phi3",
+    architectures=(("phi3", "Phi3ForCausalLM"),),
+    config_class=Phi3Config,
+    from_hf=Phi3Config.from_hf,
+    init_params=init_params,
+    fused=(
+        FusedModule("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+        FusedModule("mlp", "gate_up_proj", ("gate_proj", "up_proj")),
+    ),
+)
 
 #: HF ``model_type`` -> the family that serves it.
 FAMILIES: Mapping[str, ModelFamily] = MappingProxyType(
-    {t: fam for fam in (LLAMA,) for t in fam.model_types}
+    {t: fam for fam in (LLAMA, GEMMA, QWEN3, PHI3) for t in fam.model_types}
 )
 
 
@@ -306,20 +464,25 @@ def family_of(model_config: Any, where: str = "family_of") -> ModelFamily:
             return fam
     if hasattr(model_config, "to_json_string") and hasattr(model_config, "model_type"):
         return family(model_config.model_type, where)
-    configs = " or ".join(f.config_class.__name__ for f in dict.fromkeys(FAMILIES.values()))
+    first, *others = [f.config_class.__name__ for f in dict.fromkeys(FAMILIES.values())]
     raise ValueError(
-        f"{where}: model_config must be a rslora_jax {configs} or a transformers config, got "
-        f"{type(model_config).__name__}"
+        f"{where}: model_config must be a rslora_jax {first} or a transformers config (other "
+        f"families: {', '.join(others)}), got {type(model_config).__name__}"
     )
 
 
 __all__ = [
     "FAMILIES",
+    "GEMMA",
     "LLAMA",
+    "PHI3",
+    "QWEN3",
+    "FusedModule",
     "LinearModule",
     "ModelFamily",
     "family",
     "family_of",
     "flax_module_path",
+    "fuse_params",
     "hf_module_name",
 ]

@@ -1,13 +1,16 @@
-"""The Llama family's sharding policy: FSDP plus Megatron tensor parallelism.
+"""The families' sharding policy: FSDP plus Megatron tensor parallelism.
 
-`param_specs` maps a Llama params tree (`rslora_jax.models.llama`, layers scanned or not) onto
+`param_specs` maps a params tree of the shared decoder (`rslora_jax.models.decoder`: every
+family, layers scanned or not; each family registers it in `rslora_jax.models.families`) onto
 the mesh axes ``fsdp`` and ``model``:
 
 - ``fsdp`` splits every matrix on its hidden-size axis (ZeRO-3 style);
 - ``model`` splits the column-parallel projections (q/k/v, gate/up and an untied lm_head) on
   their output features and the row-parallel ones (o, down) on their input features, so that
   an attention or MLP block needs one reduction; the embedding is split on the vocabulary;
-- norms (and anything else) are replicated; axes the mesh lacks are left out.
+- norms (q/k norms included) and anything else are replicated; axes the mesh lacks are left
+  out. Phi-3's fused checkpoint modules are split in our tree, so q/k/v and gate/up shard like
+  every other family's.
 
 The adapters then follow the base (`rslora_jax.partition_specs`).
 """

@@ -9,7 +9,6 @@ computes both factors from each kernel and changes the kernel to ``W - gamma * A
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 from rslora_jax._types import PRNGKey, PyTree
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.sites import path_key, target_sites
-from rslora_jax.core.tree import KERNEL, combine, get, join_path, set_in
+from rslora_jax.core.tree import KERNEL, combine, iter_weights, replace_weights, set_in
 from rslora_jax.execution.quant import is_quantized
 from rslora_jax.ops.quantize import dequantize
 
@@ -152,8 +151,9 @@ def principal_init(params: PyTree, config: LoraConfig, key: PRNGKey) -> tuple[Py
         raise ValueError(f"principal_init needs init='pissa'/'olora', got {config.init.spec!r}")
     sites = target_sites(params, config)
     kernels = {}
+    weights = {ref.path: holder[KERNEL] for ref, holder in iter_weights(params)}
     for site in sites:
-        kernel = get(params, site.keys)[KERNEL]
+        kernel = weights[site.path]
         if is_quantized(kernel):
             raise ValueError(
                 f"LoraConfig.init={config.init.spec!r} changes the base kernels to "
@@ -183,17 +183,7 @@ def principal_init(params: PyTree, config: LoraConfig, key: PRNGKey) -> tuple[Py
         return adapters, new_kernels
 
     adapters, new_kernels = jax.jit(run)(kernels, key)
-    return adapters, _replace_kernels(params, new_kernels, ())
-
-
-def _replace_kernels(tree: Any, kernels: dict[str, jax.Array], prefix: tuple) -> Any:
-    if not isinstance(tree, Mapping):
-        return tree
-    out = {key: _replace_kernels(val, kernels, (*prefix, key)) for key, val in tree.items()}
-    path = join_path(prefix)
-    if KERNEL in tree and path in kernels:
-        out[KERNEL] = kernels[path]
-    return out
+    return adapters, replace_weights(params, new_kernels)
 
 
 __all__ = ["init", "init_adapters", "principal_init"]

@@ -28,6 +28,7 @@ from rslora_jax.core.protocol import Site
 from rslora_jax.core.sites import site_for
 from rslora_jax.core.tree import (
     KERNEL,
+    adapted_holders,
     adapter_leaves,
     combine,
     global_entries,
@@ -36,6 +37,7 @@ from rslora_jax.core.tree import (
     split,
 )
 from rslora_jax.execution.quant import dense, dequantize, is_quantized
+from rslora_jax.ops.finite import NonFiniteError, nonfinite_paths
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -78,7 +80,13 @@ def updated_kernel(
     return site.layout.to_kernel(v if c is None else v * c[..., None, :])
 
 
-def merge(params: PyTree, config: LoraConfig, *, return_column_scales: bool = False) -> Any:
+def merge(
+    params: PyTree,
+    config: LoraConfig,
+    *,
+    return_column_scales: bool = False,
+    safe_merge: bool = False,
+) -> Any:
     """Folds every adapter into its kernel and drops the adapter leaves.
 
     Returns a plain tree with exactly the original (pre-`init`, pre-`quantize`) structure,
@@ -93,12 +101,20 @@ def merge(params: PyTree, config: LoraConfig, *, return_column_scales: bool = Fa
       config: the config the adapters were built with.
       return_column_scales: also return ``{path: c}``, the column rescales of methods that
         have them (DoRA), which `unmerge` needs.
+      safe_merge: PEFT's ``merge(safe_merge=True)``: check that the adapters and the merged
+        kernels hold only finite values, and raise naming the paths that do not. It reads the
+        values, so it needs concrete arrays: call `merge` outside `jax.jit` with it (the merge
+        itself is still compiled once per structure), or jit ``merge`` and check its result
+        with `rslora_jax.ops.finite.check_finite`.
 
     Returns:
       The merged parameter tree (and the column scales, if asked).
 
     Raises:
-      ValueError: if a factor's shape or rank does not fit its kernel and config.
+      ValueError: if a factor's shape or rank does not fit its kernel and config; with
+        ``safe_merge``, a `~rslora_jax.ops.finite.NonFiniteError` (a ValueError) naming the
+        adapter leaves or merged kernels that hold NaN or Inf, or a ValueError when called
+        on traced values.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -107,7 +123,15 @@ def merge(params: PyTree, config: LoraConfig, *, return_column_scales: bool = Fa
       ...            "lora_b": jnp.ones((1, 2))}}
       >>> merge(p, cfg)["d"]["kernel"].tolist()  # 2/sqrt(1) * ones
       [[2.0, 2.0], [2.0, 2.0]]
+      >>> import numpy as np
+      >>> p["d"]["lora_b"] = jnp.array([[1.0, np.nan]])
+      >>> merge(p, cfg, safe_merge=True)
+      Traceback (most recent call last):
+      ...
+      rslora_jax.ops.finite.NonFiniteError: merge(safe_merge=True): the adapter leaves hold NaN or Inf values at d/lora_b; nothing was merged
     """
+    if safe_merge:
+        return _safe_merge(params, config, return_column_scales)
     shared = global_entries(params)
     scales: dict[str, jax.Array] = {}
 
@@ -125,6 +149,39 @@ def merge(params: PyTree, config: LoraConfig, *, return_column_scales: bool = Fa
     merged = jax.tree.map(
         lambda x: dequantize(x) if is_quantized(x) else x, merged, is_leaf=is_quantized
     )
+    return (merged, scales) if return_column_scales else merged
+
+
+def _traced(tree: PyTree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _safe_merge(params: PyTree, config: LoraConfig, return_column_scales: bool) -> Any:
+    """`merge` with PEFT's safe_merge checks: finite adapters before, finite kernels after."""
+    where = "merge(safe_merge=True)"
+    if _traced(params):
+        raise ValueError(
+            f"{where} reads the values and cannot run inside jax.jit: call merge(..., "
+            "safe_merge=True) outside jit, or jit merge and check its output with "
+            "rslora_jax.ops.finite.check_finite"
+        )
+    adapters, _ = split(params)
+    bad = nonfinite_paths(adapters)
+    if bad:
+        raise NonFiniteError(
+            f"{where}: the adapter leaves hold NaN or Inf values at {', '.join(bad[:10])}"
+            f"{' ...' if len(bad) > 10 else ''}; nothing was merged"
+        )
+    merged, scales = merge(params, config, return_column_scales=True)
+    adapted = {path for path, _ in adapted_holders(params)}
+    kernels = {path: holder[KERNEL] for path, holder in adapted_holders(combine(adapters, merged))}
+    bad = [p for p in nonfinite_paths(kernels) if p in adapted]
+    if bad:
+        raise NonFiniteError(
+            f"{where}: merging gives NaN or Inf values in the kernels at "
+            f"{', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''} (the base kernel holds "
+            "them, or the update overflows the kernel's dtype); the adapters seem broken"
+        )
     return (merged, scales) if return_column_scales else merged
 
 

@@ -22,7 +22,16 @@ from rslora_jax._types import PyTree
 from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.protocol import leaf_role
 from rslora_jax.core.sites import layout_for
-from rslora_jax.core.tree import KERNEL, global_entries, is_adapted, is_adapter_key, join_path
+from rslora_jax.core.tree import (
+    KERNEL,
+    WeightRef,
+    adapted_refs,
+    global_entries,
+    holder_view,
+    is_adapter_key,
+    join_path,
+    sub_key,
+)
 
 
 def _default_config() -> LoraConfig:
@@ -138,6 +147,8 @@ def _specs(
         raise ValueError(
             f"base_specs at {join_path(prefix)!r} is {specs!r}, but params hold a dict there"
         )
+    refs = adapted_refs(tree, prefix)
+    subs = {sub_key(r.name) for r in refs if not r.own}
     out: dict[Any, Any] = {}
     for key, val in tree.items():
         if is_adapter_key(key):
@@ -145,36 +156,54 @@ def _specs(
         if key not in specs:
             raise ValueError(f"base_specs has no entry for {join_path((*prefix, key))!r}")
         out[key] = _specs(val, specs[key], config, (*prefix, key), members, meshes)
-    if is_adapted(tree):
-        path = join_path(prefix)
-        kernel_spec = specs[KERNEL]
-        mesh = None
-        if isinstance(kernel_spec, NamedSharding):
-            mesh, kernel_spec = kernel_spec.mesh, kernel_spec.spec
-            meshes.append(mesh)
-        if kernel_spec is None:
-            kernel_spec = PartitionSpec()
-        axes = layout_for(config, path, tree[KERNEL]).axes
-        _, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
-        members[path] = (in_spec, out_spec)
+    for ref in refs:
+        holder = holder_view(tree, ref)
+        leaves = _leaf_specs(holder, specs[ref.name], config, ref, members, meshes)
+        if ref.own:
+            out.update(leaves)
+        else:
+            out[sub_key(ref.name)] = leaves
+    if prefix and not any(r.own for r in refs):
         for key in tree:
-            if not is_adapter_key(key):
-                continue
-            role = leaf_role(key)
-            if role is None:
+            if is_adapter_key(key) and key not in subs:
                 raise ValueError(
                     f"no sharding rule for adapter leaf {join_path((*prefix, key))!r}; "
                     "give its spec explicitly"
                 )
-            spec = leaf_spec(role.layout, kernel_spec, axes)
-            out[key] = NamedSharding(mesh, spec) if mesh is not None else spec
-    elif prefix:
-        for key in tree:
-            if is_adapter_key(key):
-                raise ValueError(
-                    f"no sharding rule for adapter leaf {join_path((*prefix, key))!r}; "
-                    "give its spec explicitly"
-                )
+    return out
+
+
+def _leaf_specs(
+    holder: Mapping[str, Any],
+    kernel_spec: Any,
+    config: LoraConfig,
+    ref: WeightRef,
+    members: dict,
+    meshes: list,
+) -> dict[str, Any]:
+    """Specs of one weight's adapter leaves, from the weight's spec and layout."""
+    path = ref.path
+    mesh = None
+    if isinstance(kernel_spec, NamedSharding):
+        mesh, kernel_spec = kernel_spec.mesh, kernel_spec.spec
+        meshes.append(mesh)
+    if kernel_spec is None:
+        kernel_spec = PartitionSpec()
+    axes = layout_for(config, path, holder[KERNEL]).axes
+    _, in_spec, out_spec = _roles(_entries(kernel_spec, len(axes)), axes)
+    members[path] = (in_spec, out_spec)
+    out = {}
+    for key in holder:
+        if not is_adapter_key(key):
+            continue
+        role = leaf_role(key)
+        if role is None:
+            raise ValueError(
+                f"no sharding rule for adapter leaf {join_path((*ref.leaf_keys, key))!r}; "
+                "give its spec explicitly"
+            )
+        spec = leaf_spec(role.layout, kernel_spec, axes)
+        out[key] = NamedSharding(mesh, spec) if mesh is not None else spec
     return out
 
 

@@ -1,7 +1,8 @@
 """The fine-tuning command: ``python -m rslora_jax.finetune`` (console script ``rslora-finetune``).
 
-Fine-tunes a Llama-family causal LM (a Hugging Face checkpoint directory: Llama, Mistral,
-Qwen2 in safetensors) with rsLoRA adapters (or RaSA, DoRA; ``--method``) on instruction data
+Fine-tunes a causal LM of any registered family (a Hugging Face checkpoint directory in
+safetensors: Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3; see
+`rslora_jax.models.families`) with rsLoRA adapters (or RaSA, DoRA; ``--method``) on instruction data
 (chat, prompt/completion or Alpaca rows: the loss on the answers only, examples packed without
 attending to each other) or plain text, and leaves in ``--out`` everything needed to serve the
 result or to continue it::
@@ -34,8 +35,13 @@ Batches are a function of (seed, step) (`rslora_jax.data.batch_iterator`) and th
 ``fold_in(key, step)``, so ``--resume`` continues an interrupted run exactly where it stopped:
 on CPU the adapters after resuming are bit-identical to those of an uninterrupted run. Ctrl-C
 finishes the current step, saves a checkpoint and exits with status 130 (a second Ctrl-C aborts
-at once). Every input is checked before any weight is read or anything is compiled; a bad one
-stops the command with exit status 2 and a message that says what to fix.
+at once). Every input is checked before any weight is read or anything is compiled (the model
+files too: every safetensors header and tensor shape against config.json); a bad one stops the
+command with exit status 2 and a message that says what to fix. A run that cannot go on (a
+non-finite loss or gradient, a full disk, a damaged checkpoint that nothing older replaces)
+stops with exit status 2 and a message naming the last good checkpoint; a Ctrl-C outside the
+step loop says what was kept (status 130). ``--out`` is never one of the inputs, and what it
+holds that this command did not write is replaced only with ``--overwrite``.
 
 Several processes (hosts) run one job under JAX's distributed runtime: start the same command in
 every process with ``--coordinator HOST:PORT --num-processes N --process-id I`` (or
@@ -54,6 +60,7 @@ The command's stages, one module each::
     config_file ``--config run.yaml``: a file's flags as command-line tokens
     runtime     joining jax.distributed, agreeing across processes
     plan        every input checked before any weight is read -> `Plan`
+    guards      what --out may hold, restarting, failures as one line (full disk, NaN, Ctrl-C)
     dataset     ``--data`` -> records -> answer-masked examples -> packed rows
     adapters    the LoraConfig of the flags; ``--layers`` on scanned layers
     layout      shardings of base, adapters and batches; this process's rows of a batch
@@ -63,7 +70,8 @@ The command's stages, one module each::
     outputs     exports (by method), loss.png, metrics.json, the summary
     command     `finetune` and `main`: all of the above, and the exit status
 
-The Llama family's tensor-parallel policy is `rslora_jax.models.sharding.param_specs`; what a
+The tensor-parallel policy is `rslora_jax.models.sharding.param_specs` (every family names its
+projections alike, so one policy serves all; each family registers it); what a
 second command would share (usage errors, argument types, ``--mesh``, the progress bar) is in
 `rslora_jax.cli.common`.
 """

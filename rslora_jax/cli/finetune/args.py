@@ -52,6 +52,8 @@ LAUNCH_ARGS = (
     "distributed",
     "cpu_devices",
     "config",
+    "connect_timeout",
+    "overwrite",
 )
 # Arguments that define the training trajectory: --resume refuses to change them.
 TRAJECTORY_ARGS = (
@@ -104,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         type=Path,
         default=None,
-        help="Hugging Face checkpoint directory (Llama/Mistral/Qwen2, config.json + "
-        "safetensors); default: the built-in base model",
+        help="Hugging Face checkpoint directory (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3: "
+        "config.json + safetensors); default: the built-in base model",
     )
     g.add_argument(
         "--tokenizer", type=Path, default=None, help="tokenizer directory; default: --model"
@@ -261,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of the merged checkpoint (auto: that of the --model checkpoint)",
     )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --out replace what is there: a finished or interrupted run, or adapters/, "
+        "peft/, merged/ ... that this command did not write",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_output_options(g)
     g = p.add_argument_group(
@@ -289,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="'auto': a bare jax.distributed.initialize(), which finds the coordinator, "
         "process count and index on TPU pods, under SLURM and under Open MPI",
+    )
+    g.add_argument(
+        "--connect-timeout",
+        metavar="SECONDS",
+        type=positive_int,
+        default=300,
+        help="stop with a message if not every process has joined within this many seconds",
     )
     g.add_argument(
         "--cpu-devices",

@@ -11,13 +11,16 @@ from typing import Any
 import jax
 
 from rslora_jax.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, UsageError
-from rslora_jax.cli.finetune.args import PROG, RUNS_DIR, parse_args
+from rslora_jax.cli.finetune.args import LAUNCH_ARGS, PROG, RUNS_DIR, args_to_json, parse_args
+from rslora_jax.cli.finetune.guards import Interrupted, clear
 from rslora_jax.cli.finetune.loop import train
 from rslora_jax.cli.finetune.plan import prepare
 from rslora_jax.cli.finetune.runtime import (
     agree,
+    barrier,
     broadcast_text,
     check_distributed,
+    same_run,
     start_runtime,
     stop_runtime,
 )
@@ -46,6 +49,15 @@ def finetune(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except UsageError as err:
         plan, error = None, err
     agree(error)
+    if jax.process_count() > 1:  # the same run everywhere, before any weight is read
+        resolved = {k: v for k, v in args_to_json(plan.args).items() if k not in LAUNCH_ARGS}
+        same_run({**{f"--{k.replace('_', '-')}": v for k, v in resolved.items()},
+                  "the data (tokens)": plan.data_sha256})  # fmt: skip
+    if jax.process_index() == 0:  # every process accepted the run: replace what it replaces
+        if plan.out_note:
+            print(f"{PROG}: {plan.out_note}", file=sys.stderr, flush=True)
+        clear(plan.out, plan.out_clear)
+    barrier("rslora-finetune: --out prepared")
     return train(plan)
 
 
@@ -68,9 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(EXIT_USAGE)
         status = EXIT_USAGE
+    except Interrupted as stop:  # a Ctrl-C outside the step loop: what was kept, no traceback
+        print(f"\n{PROG}: {stop}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         if not jax.distributed.is_initialized():
-            raise
+            print(f"\n{PROG}: interrupted", file=sys.stderr, flush=True)
+            return EXIT_INTERRUPTED
         # A second Ctrl-C in a multi-process run: leave at once. A normal exit would wait at
         # the runtime's shutdown barrier for processes that wait for this one.
         print(f"\n{PROG}: aborted (process {jax.process_index()})", file=sys.stderr, flush=True)

@@ -2,7 +2,10 @@
 
 `train` runs (or resumes) a `Plan`; at the end it hands the adapters to
 `rslora_jax.cli.finetune.outputs`. A first Ctrl-C stops after the current step and saves a
-checkpoint (`StopRequest`); a second one aborts.
+checkpoint (`StopRequest`); a second one aborts. A Ctrl-C before the first step or while the
+outputs are written stops with a message that says what was kept (`guards.Interrupted`). A step
+whose loss or gradient is not finite, a held-out loss that is not, or a full disk stops the run
+with a message naming the last good checkpoint (`guards.RunError`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import signal
 import sys
 import time
@@ -21,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import rslora_jax as rl
-from rslora_jax import distributed
+from rslora_jax import _files, distributed
 from rslora_jax._types import PyTree
 from rslora_jax.cli.common import log, progress_bar
+from rslora_jax.cli.finetune import guards
 from rslora_jax.cli.finetune.args import PROG, args_to_json
 from rslora_jax.cli.finetune.layout import LocalRows, train_batch
 from rslora_jax.cli.finetune.outputs import build_metrics, mean_tail, write_metrics, write_outputs
@@ -118,16 +123,51 @@ def train(plan: Plan) -> dict[str, Any]:
       The metrics (also written to ``metrics.json``); ``metrics["interrupted"]`` is True when
       Ctrl-C stopped the run (a checkpoint was saved, no final outputs were written).
     """
-    from rslora_jax.hf import load_pretrained
-
     args, out = plan.args, plan.out
     multi = jax.process_count() > 1
     lead = jax.process_index() == 0
     say = functools.partial(print, flush=True) if lead else _silent
     t_start = time.perf_counter()
+    if lead:
+        guards.clean_out(out)  # staging that a killed run left behind
     if not args.resume and lead:
         run = {"args": {**args_to_json(args), "out": str(out)}, "data_sha256": plan.data_sha256}
-        (out / "run.json").write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(run, indent=2) + "\n"
+        with guards.writing(out / "run.json", out):
+            _files.write_file(out / "run.json", lambda tmp: _write_text(tmp, text), who=PROG)
+    try:
+        return _train(plan, t_start, say)
+    except KeyboardInterrupt:
+        if multi:
+            raise  # every process must stop at once: main leaves without the shutdown barrier
+        raise guards.Interrupted(_interrupted_message(plan)) from None
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _interrupted_message(plan: Plan) -> str:
+    """What a Ctrl-C outside the step loop leaves, and how to go on."""
+    out = plan.out
+    kept = guards.last_checkpoint(out)
+    final = out / "checkpoints" / str(plan.args.steps)
+    if final.is_dir() and not (out / "metrics.json").exists():
+        return (
+            f"interrupted while writing the outputs; the training is complete and {kept}: "
+            "--resume writes the outputs without training"
+        )
+    return f"interrupted; {kept}"
+
+
+def _train(plan: Plan, t_start: float, say: Any) -> dict[str, Any]:
+    """`train` after run.json: load, resume, step, evaluate, save, export."""
+    from rslora_jax.hf import load_pretrained
+
+    args, out = plan.args, plan.out
+    multi = jax.process_count() > 1
+    lead = jax.process_index() == 0
     optim = OptimSettings.from_args(args)
     prog = program(
         plan.model_config,
@@ -143,15 +183,18 @@ def train(plan: Plan) -> dict[str, Any]:
     local = LocalRows.of(prog.batch, args.batch_size * accum)  # the rows of a step
     local_eval = LocalRows.of(prog.batch, args.batch_size)
     schedule = make_schedule(optim)
-    _, base = load_pretrained(
-        plan.model_dir,
-        dtype=args.dtype,
-        param_dtype=args.param_dtype,
-        scan_layers=True,
-        shardings=prog.load_base,
-        remat=args.remat,
-        transform=_quantizer(args, plan.lora_config),
-    )
+    try:
+        _, base = load_pretrained(
+            plan.model_dir,
+            dtype=args.dtype,
+            param_dtype=args.param_dtype,
+            scan_layers=True,
+            shardings=prog.load_base,
+            remat=args.remat,
+            transform=_quantizer(args, plan.lora_config),
+        )
+    except ValueError as err:  # e.g. a tensor holding NaN: nothing to train on
+        raise guards.RunError(f"--model {str(plan.model_dir)!r}: {err}") from None
     key_init, key_dropout = jax.random.split(jax.random.key(args.seed))
     adapters, base = init_run_adapters(plan, prog, base, key_init)
     samples = Samples(plan, getattr(args, "samples", 0))
@@ -166,17 +209,33 @@ def train(plan: Plan) -> dict[str, Any]:
     manager = rl.CheckpointManager(
         out / "checkpoints", config=plan.lora_config, max_to_keep=args.keep
     )
-    saved_steps = set(manager.all_steps())
     if args.resume:
-        restored, opt_state, start_step, extra = manager.restore(
-            rl.combine(adapters, base), opt_state
-        )
+        skipped: list[int] = []
+
+        def report(step: int, problem: str) -> None:
+            skipped.append(step)
+            if lead:
+                print(
+                    f"{PROG}: checkpoint step {step} is damaged ({problem}); skipping it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        try:
+            restored, opt_state, start_step, extra = manager.restore(
+                rl.combine(adapters, base), opt_state, on_skip=report
+            )
+        except rl.CheckpointError as err:
+            raise guards.RunError(f"--resume: {err}. Start the run over with --overwrite") from None
+        for step in skipped:  # newer than the one restored: training writes them again
+            manager.delete(step)  # every process (orbax synchronises them)
         adapters, _ = rl.split(restored)
         losses = [float(x) for x in extra.get("losses", [])]
         evals = [list(e) for e in extra.get("evals", [])]
         previous_seconds = float(extra.get("train_seconds", 0.0))
         say(f"resuming {out} at step {start_step} of {args.steps}")
 
+    saved_steps = set(manager.all_steps())
     timer = {"train": 0.0, "steady": 0.0, "first": None}
     steady_tokens = 0
 
@@ -188,9 +247,20 @@ def train(plan: Plan) -> dict[str, Any]:
             "evals": evals,
             "train_seconds": previous_seconds + timer["train"],
         }
-        manager.save(step, rl.combine(adapters, base), opt_state, extra=extra, force=True)
-        manager.wait_until_finished()
+        with guards.writing(out / "checkpoints" / str(step), out):
+            manager.save(step, rl.combine(adapters, base), opt_state, extra=extra, force=True)
+            manager.wait_until_finished()
         saved_steps.add(step)
+
+    def evaluated(step: int) -> list[float]:
+        loss = evaluate(adapters, base)
+        if not math.isfinite(loss):
+            raise guards.RunError(
+                f"the held-out loss at step {step} is {loss}: the model's outputs are not "
+                f"finite (the base weights, or adapters that diverged; try a lower --lr); "
+                f"{guards.last_checkpoint(out)}"
+            )
+        return [step, loss]
 
     n_adapter = rl.num_adapter_params(adapters)
     n_base = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base, is_leaf=rl.is_quantized))
@@ -215,7 +285,7 @@ def train(plan: Plan) -> dict[str, Any]:
     )
     setup_seconds = time.perf_counter() - t_start
     if not evals:
-        evals.append([0, evaluate(adapters, base)])
+        evals.append(evaluated(0))
         say(f"held-out loss before training: {evals[0][1]:.4f}")
         if trackers is not None:
             trackers.log(0, {"eval/loss": evals[0][1]})
@@ -253,6 +323,15 @@ def train(plan: Plan) -> dict[str, Any]:
                     flags[stop.requested],
                 )
                 loss_value = float(loss)  # waits for the step
+                if not (math.isfinite(loss_value) and math.isfinite(float(grad_norm))):
+                    # Not applied: `adapters` and `opt_state` keep the last good step's values.
+                    what = "loss" if not math.isfinite(loss_value) else "gradient"
+                    raise guards.RunError(
+                        f"step {step + 1}: the training {what} is not finite (loss "
+                        f"{loss_value}, gradient norm {float(grad_norm)}); stopped without "
+                        "applying it (diverging adapters: try a lower --lr or --max-grad-norm); "
+                        f"{guards.last_checkpoint(out)}"
+                    )
                 stop_all = bool(any_stop)
                 adapters, opt_state = new_adapters, new_state
                 elapsed = time.perf_counter() - t0
@@ -277,7 +356,7 @@ def train(plan: Plan) -> dict[str, Any]:
                         },
                     )
                 if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                    evals.append([step, evaluate(adapters, base)])
+                    evals.append(evaluated(step))
                     if trackers is not None:
                         trackers.log(step, {"eval/loss": evals[-1][1]})
                 if args.save_every and step % args.save_every == 0:
@@ -312,7 +391,7 @@ def train(plan: Plan) -> dict[str, Any]:
         return {"interrupted": True, "step": step, "out": str(out)}
 
     if not evals or evals[-1][0] != args.steps:
-        evals.append([args.steps, evaluate(adapters, base)])
+        evals.append(evaluated(args.steps))
         if trackers is not None:
             trackers.log(args.steps, {"eval/loss": evals[-1][1]})
     if trackers is not None:
@@ -343,7 +422,8 @@ def train(plan: Plan) -> dict[str, Any]:
     )
     metrics["samples"] = samples.records()
     if lead:
-        write_metrics(metrics, written["metrics"], out)
+        with guards.writing(written["metrics"], out):
+            write_metrics(metrics, written["metrics"], out)
     barrier("rslora-finetune: outputs written")
     return metrics
 

@@ -16,7 +16,9 @@ import jax
 import numpy as np
 
 import rslora_jax as rl
+from rslora_jax import _files
 from rslora_jax._types import PyTree
+from rslora_jax.cli.finetune import guards
 from rslora_jax.cli.finetune.args import args_to_json
 from rslora_jax.cli.finetune.plan import Plan, checkpoint_steps
 
@@ -28,11 +30,14 @@ def write_outputs(
 
     Every process calls this: the adapter checkpoint is written by all together; the rest is
     gathered to every process (`process_allgather`) and written by process 0. A method without
-    a PEFT format (RaSA) writes no ``peft/``: the merged model is its export.
+    a PEFT format (RaSA) writes no ``peft/``: the merged model is its export. Each directory
+    appears whole (the merged model with its tokenizer, in one swap); a full disk stops the
+    run with a message naming what was being written (`guards.writing`).
     """
     from jax.experimental import multihost_utils
 
     from rslora_jax.hf import save_pretrained
+    from rslora_jax.hf.io import save_tokenizer
 
     args, out = plan.args, plan.out
     has_peft = has_peft_format(plan)
@@ -45,7 +50,8 @@ def write_outputs(
         "metrics": out / "metrics.json",
     }
     params = rl.combine(adapters, base)
-    rl.save_adapters(outputs["adapters"], params, plan.lora_config)
+    with guards.writing(outputs["adapters"], out):
+        rl.save_adapters(outputs["adapters"], params, plan.lora_config)
     merged = jax.jit(rl.merge, static_argnums=1)(params, plan.lora_config)
     if jax.process_count() > 1:  # pieces in every process: gather them
         merged = multihost_utils.process_allgather(merged, tiled=True)
@@ -53,19 +59,27 @@ def write_outputs(
         params = rl.combine(multihost_utils.process_allgather(adapters, tiled=True), base)
     if jax.process_index() == 0:
         if has_peft:
-            plan.export_peft(
-                outputs["peft"],
-                params,
-                plan.lora_config,
-                plan.model_config,
-                base_model_name_or_path=str(plan.model_dir),
+            with guards.writing(outputs["peft"], out):
+                plan.export_peft(
+                    outputs["peft"],
+                    params,
+                    plan.lora_config,
+                    plan.model_config,
+                    base_model_name_or_path=str(plan.model_dir),
+                )
+        with guards.writing(outputs["merged"], out):
+            save_pretrained(
+                outputs["merged"],
+                merged,
+                plan.hf_config,
+                dtype=plan.merged_dtype,
+                extra=lambda staging: save_tokenizer(plan.tokenizer, staging),
             )
-        save_pretrained(outputs["merged"], merged, plan.hf_config, dtype=plan.merged_dtype)
-        plan.tokenizer.save_pretrained(str(outputs["merged"]))
         method = plan.lora_config.method.name
         kind = args.scaling if method == "lora" else method
         title = f"{kind} r={args.rank} alpha={args.alpha:g} lr={args.lr:g} ({args.schedule})"
-        plot_losses(outputs["loss_curve"], losses, evals, title)
+        with guards.writing(outputs["loss_curve"], out):
+            plot_losses(outputs["loss_curve"], losses, evals, title)
     return outputs
 
 
@@ -97,7 +111,7 @@ def plot_losses(
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    _files.write_file(path, lambda tmp: fig.savefig(tmp, format="png"), who="plot_losses")
 
 
 def summary(m: dict[str, Any], out: Path) -> str:
@@ -251,5 +265,6 @@ def _stats(stats: Any) -> dict[str, Any]:
 
 def write_metrics(metrics: dict[str, Any], path: Path, out: Path) -> None:
     """Writes ``metrics.json`` to `path` and prints the `summary` (process 0 only)."""
-    path.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    text = json.dumps(metrics, indent=2, default=str) + "\n"
+    _files.write_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print(summary(metrics, out), flush=True)

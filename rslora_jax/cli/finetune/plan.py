@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 import rslora_jax as rl
 from rslora_jax._types import PyTree
 from rslora_jax.cli.common import DTYPES, UsageError, parse_mesh
+from rslora_jax.cli.finetune import guards
 from rslora_jax.cli.finetune.adapters import (
     LayerSelection,
     adapted_paths,
@@ -35,7 +36,8 @@ from rslora_jax.cli.finetune.dataset import RunData, prepare_data
 from rslora_jax.cli.finetune.layout import LocalRows, batch_sharding, batch_ways, run_specs
 from rslora_jax.cli.finetune.options import parse_layers, parse_trackers
 from rslora_jax.cli.finetune.tracking import check_trackers
-from rslora_jax.models.llama import LlamaConfig, init_params
+from rslora_jax.models.decoder import init_params
+from rslora_jax.models.families import family
 
 
 @dataclasses.dataclass
@@ -46,7 +48,7 @@ class Plan:
     out: Path
     model_dir: Path
     hf_config: Any
-    model_config: LlamaConfig
+    model_config: Any  # the family's config (e.g. rslora_jax.models.LlamaConfig)
     tokenizer: Any
     tokenizer_dir: Path
     data_description: str
@@ -60,23 +62,21 @@ class Plan:
     run_data: RunData | None = None
     layers: LayerSelection | None = None
     trackers: tuple[str, ...] = ()
+    out_note: str | None = None  # what --out held and what happens to it (`guards.check_out`)
+    out_clear: list[str] = dataclasses.field(default_factory=list)  # removed before training
 
 
-def _check_out(args: argparse.Namespace) -> tuple[Path, bool]:
-    """The output directory, created and probed for writing; and whether it was created."""
+def _check_out(args: argparse.Namespace) -> tuple[Path, bool, str | None, list[str]]:
+    """The output directory, created and probed for writing; whether it was created; and what
+    `rslora_jax.cli.finetune.guards.check_out` says of what it holds (a note, what to clear
+    once every check has passed)."""
     out = args.out if args.out is not None else RUNS_DIR / time.strftime("rslora-%Y%m%d-%H%M%S")
     out = out.expanduser().absolute()
-    if args.resume:
-        if not checkpoint_steps(out / "checkpoints"):
-            raise UsageError(
-                f"--resume: no checkpoint under {str(out / 'checkpoints')!r}; the run was "
-                "interrupted before its first checkpoint: start it again without --resume"
-            )
-    elif (out / "run.json").exists() or (out / "checkpoints").exists():
-        raise UsageError(
-            f"--out {str(out)!r} already holds a fine-tuning run: pass --resume to continue it, "
-            "or choose another --out"
-        )
+    model = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
+    inputs = {"--model": model}
+    if args.tokenizer is not None:
+        inputs["--tokenizer"] = args.tokenizer.expanduser().absolute()
+    note, to_clear = guards.check_out(args, out, inputs)
     existed = out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ def _check_out(args: argparse.Namespace) -> tuple[Path, bool]:
             f"--out {str(out)!r}: cannot write there ({err.strerror or err}); choose a writable "
             "directory"
         ) from None
-    return out, not existed
+    return out, not existed, note, to_clear
 
 
 def checkpoint_steps(directory: Path) -> list[int]:
@@ -102,8 +102,8 @@ def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _check_model(args: argparse.Namespace) -> tuple[Path, Any, LlamaConfig]:
-    from rslora_jax.hf import load_config
+def _check_model(args: argparse.Namespace) -> tuple[Path, Any, Any]:
+    from rslora_jax.hf import check_pretrained, load_config
 
     model_dir = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
     what = f"--model {str(model_dir)!r}"
@@ -116,7 +116,7 @@ def _check_model(args: argparse.Namespace) -> tuple[Path, Any, LlamaConfig]:
         raise UsageError(f"{what}: no config.json; is this a Hugging Face checkpoint directory?")
     try:
         hf_config = load_config(model_dir)
-        model_config = LlamaConfig.from_hf(
+        model_config = family(hf_config.model_type, "--model").from_hf(
             hf_config,
             dtype=args.dtype,
             param_dtype=args.param_dtype,
@@ -135,6 +135,10 @@ def _check_model(args: argparse.Namespace) -> tuple[Path, Any, LlamaConfig]:
             else ""
         )
         raise UsageError(f"{what}: no model.safetensors or model.safetensors.index.json{hint}")
+    try:  # every header and the index against the config, before anything is created
+        check_pretrained(model_dir)
+    except ValueError as err:
+        raise UsageError(f"{what}: {err}") from None
     return model_dir, hf_config, model_config
 
 
@@ -156,7 +160,7 @@ def _check_tokenizer(args: argparse.Namespace, model_dir: Path) -> tuple[Path, A
     return tok_dir, tokenizer
 
 
-def _check_data(args: argparse.Namespace, tokenizer: Any, config: LlamaConfig) -> RunData:
+def _check_data(args: argparse.Namespace, tokenizer: Any, config: Any) -> RunData:
     if args.seq_len > config.max_position_embeddings:
         raise UsageError(
             f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
@@ -181,6 +185,18 @@ def _check_lora(args: argparse.Namespace, abstract_base: PyTree) -> tuple[rl.Lor
         raise UsageError(f"--rank {args.rank}: {err}") from None
     check_patterns(args, config, adapted_paths(abstract))
     return config, abstract
+
+
+def _check_mesh_size(args: argparse.Namespace) -> None:
+    """``--mesh``'s syntax and size against the devices JAX sees (the rest: `_check_mesh`)."""
+    axes = parse_mesh(args.mesh)
+    if axes and math.prod(axes.values()) != jax.device_count():
+        across = f" across {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        raise UsageError(
+            f"--mesh {args.mesh!r} has {math.prod(axes.values())} devices, but JAX sees "
+            f"{jax.device_count()}{across} ({jax.devices()[0].platform}); make the axis sizes "
+            f"multiply to {jax.device_count()}"
+        )
 
 
 def _check_mesh(
@@ -274,7 +290,8 @@ def prepare(args: argparse.Namespace) -> Plan:
         raise UsageError(
             f"--warmup-steps {args.warmup_steps} must be smaller than --steps {args.steps}"
         )
-    out, created = _check_out(args)
+    _check_mesh_size(args)  # cheap: before the tokenizer's work
+    out, created, note, to_clear = _check_out(args)
     try:
         model_dir, hf_config, model_config = _check_model(args)
         tokenizer_dir, tokenizer = _check_tokenizer(args, model_dir)
@@ -293,11 +310,12 @@ def prepare(args: argparse.Namespace) -> Plan:
         config, abstract_adapters = _check_lora(args, abstract_base)
         _check_quantize(args, abstract_base, config)
         mesh = _check_mesh(args, abstract_base, abstract_adapters, config)
-    except UsageError:
+    except (UsageError, KeyboardInterrupt):
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if still empty
         raise
+
     return Plan(
         args=args,
         out=out,
@@ -317,4 +335,6 @@ def prepare(args: argparse.Namespace) -> Plan:
         run_data=run_data,
         layers=(None if layers is None else LayerSelection(layers, model_config.num_hidden_layers)),
         trackers=trackers,
+        out_note=note,
+        out_clear=to_clear,
     )

@@ -27,7 +27,8 @@ from rslora_jax._types import PyTree
 from rslora_jax.cli.finetune.adapters import LayerSelection
 from rslora_jax.cli.finetune.args import SCHEDULES
 from rslora_jax.cli.finetune.layout import accum_sharding, batch_sharding, named, run_specs
-from rslora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
+from rslora_jax.models.decoder import init_params
+from rslora_jax.models.families import family_of
 from rslora_jax.ops.quantize import abstract_quantize, quantized_specs
 
 
@@ -123,7 +124,7 @@ class Program:
 
 @functools.lru_cache(maxsize=8)
 def program(
-    model_config: LlamaConfig,
+    model_config: Any,
     lora_config: rl.LoraConfig,
     optim: OptimSettings,
     mesh: Mesh,
@@ -142,7 +143,7 @@ def program(
     with respect to the adapters only.
 
     Args:
-      model_config: the model (scanned layers).
+      model_config: the model (any family's config, scanned layers).
       lora_config: the adapters.
       optim: the optimizer's hyperparameters.
       mesh: the device mesh.
@@ -181,7 +182,7 @@ def program(
     state_sh = named(mesh, rl.opt_state_specs(opt, abstract_adapters, adapter_specs))
     batch_sh = batch_sharding(mesh)
     train_sh = accum_sharding(mesh)
-    apply = rl.lora(LlamaForCausalLM(model_config).apply, lora_config, mode=forward)
+    apply = rl.lora(family_of(model_config).module(model_config).apply, lora_config, mode=forward)
     use_dropout = lora_config.dropout > 0
     masks = None if layers is None else layers.masks(abstract_adapters)
 

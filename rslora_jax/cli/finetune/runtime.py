@@ -1,17 +1,27 @@
 """Several processes: joining and leaving ``jax.distributed``, and agreeing across processes.
 
 Every process checks its own input; `agree` then stops all of them if any rejected it, so that
-they all exit with status 2 together instead of waiting for a peer that has gone.
+they all exit with status 2 together instead of waiting for a peer that has gone; `same_run`
+then compares what each process resolved (arguments, the data's hash) before any weight is
+read. Joining waits at most ``--connect-timeout`` seconds for every process, then stops with a
+message (JAX's own timeout aborts the process from C++ without one).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 
-from rslora_jax.cli.common import UsageError
+from rslora_jax.cli.common import EXIT_USAGE, UsageError
 
 
 def check_distributed(args: argparse.Namespace) -> None:
@@ -80,21 +90,43 @@ def start_runtime(args: argparse.Namespace) -> None:
         raise UsageError(f"--cpu-devices {args.cpu_devices}: {err}") from None
     if not multi:
         return
+    where = (
+        "--distributed auto"
+        if args.distributed == "auto"
+        else f"--coordinator {args.coordinator} (process {args.process_id} of {args.num_processes})"
+    )
+    timeout = getattr(args, "connect_timeout", None) or 300
+    # JAX's own deadline (later than ours) aborts from C++ with no word of what to check.
+    watchdog = threading.Timer(timeout, _not_joined, args=(where, timeout))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         if args.distributed == "auto":
-            jax.distributed.initialize()
+            jax.distributed.initialize(initialization_timeout=timeout + 60)
         else:
             jax.distributed.initialize(
-                args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+                args.coordinator,
+                num_processes=args.num_processes,
+                process_id=args.process_id,
+                initialization_timeout=timeout + 60,
             )
     except (RuntimeError, ValueError) as err:
-        where = (
-            "--distributed auto"
-            if args.distributed == "auto"
-            else f"--coordinator {args.coordinator} (process {args.process_id} of "
-            f"{args.num_processes})"
-        )
         raise UsageError(f"{where}: could not join the distributed runtime: {err}") from None
+    finally:
+        watchdog.cancel()
+
+
+def _not_joined(where: str, timeout: int) -> None:
+    """The watchdog of `start_runtime`: not every process joined in time; leave with a message."""
+    print(
+        f"rslora-finetune: error: {where}: not every process joined the distributed runtime "
+        f"within --connect-timeout {timeout} s. Check that every process was started with the "
+        "same --coordinator HOST:PORT (the address of process 0, reachable from all) and "
+        "--num-processes, each with its own --process-id, and that no firewall blocks the port",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(EXIT_USAGE)
 
 
 def stop_runtime() -> None:
@@ -132,6 +164,51 @@ def agree(error: UsageError | None) -> None:
             f"process {bad[0]} of {jax.process_count()} rejected the input (see its message); "
             "every process stops"
         )
+
+
+def same_run(values: Mapping[str, Any]) -> None:
+    """Stops every process if the processes resolved different `values` (arguments, data hash).
+
+    Each process hashes each value; the hashes are gathered and compared with process 0's,
+    so a process started with another ``--rank``, ``--data`` or ``--seed`` is named before any
+    weight is read (instead of a collective that hangs or trains on mixed settings).
+
+    Args:
+      values: ``{name: JSON-able value}``, the same names in every process.
+
+    Raises:
+      UsageError: naming the values that differ and the processes that differ from process 0.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    names = sorted(values)
+    digests = np.stack(
+        [
+            np.frombuffer(
+                hashlib.sha256(
+                    json.dumps(values[n], sort_keys=True, default=str).encode()
+                ).digest(),
+                np.uint8,
+            )
+            for n in names
+        ]
+    )
+    every = np.asarray(multihost_utils.process_allgather(digests))  # (processes, names, 32)
+    differ = (every != every[:1]).any(axis=2)  # (processes, names)
+    if not differ.any():
+        return
+    parts = []
+    for j, name in enumerate(names):
+        procs = [int(i) for i in np.flatnonzero(differ[:, j])]
+        if procs:
+            mine = " (this process differs)" if jax.process_index() in procs else ""
+            parts.append(f"{name}: process(es) {procs} differ from process 0{mine}")
+    raise UsageError(
+        "the processes of this run were started with different settings; every process must "
+        "run the same command but for --process-id: " + "; ".join(parts)
+    )
 
 
 def barrier(name: str) -> None:

@@ -18,7 +18,7 @@ import rslora_jax as rl
 from rslora_jax import data
 from rslora_jax._types import PyTree
 from rslora_jax.generate import SamplingConfig, generate
-from rslora_jax.models.llama import LlamaForCausalLM
+from rslora_jax.models.families import family_of
 
 #: At most this many tokens of a plain-text example make its prompt.
 PROMPT_TOKENS = 32
@@ -74,7 +74,7 @@ def complete(
         stop_tokens=_stops(plan.tokenizer, config.vocab_size),
     )
     out = generate(
-        LlamaForCausalLM(config),
+        family_of(config).module(config),
         rl.combine(adapters, base),
         [p for p, _ in prompts],
         sampling,

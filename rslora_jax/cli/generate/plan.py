@@ -24,7 +24,8 @@ from rslora_jax.cli.common import UsageError, parse_mesh
 from rslora_jax.cli.generate.args import DEFAULT_MODEL
 from rslora_jax.data import DEFAULT_CHAT_TEMPLATE, load_chat_template
 from rslora_jax.generate import SamplingConfig
-from rslora_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
+from rslora_jax.models.decoder import init_params
+from rslora_jax.models.families import family, family_of
 from rslora_jax.models.sharding import param_specs
 
 
@@ -50,7 +51,7 @@ class Job:
 
     args: argparse.Namespace
     model_dir: Path
-    model_config: LlamaConfig
+    model_config: Any  # the family's config (e.g. rslora_jax.models.LlamaConfig)
     tokenizer: Any
     prompts: list[Prompt]
     adapter: AdapterSource | None
@@ -58,8 +59,8 @@ class Job:
     sampling: SamplingConfig
 
 
-def _check_model(args: argparse.Namespace) -> tuple[Path, LlamaConfig]:
-    from rslora_jax.hf import load_config
+def _check_model(args: argparse.Namespace) -> tuple[Path, Any]:
+    from rslora_jax.hf import check_pretrained, load_config
 
     model_dir = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
     what = f"--model {str(model_dir)!r}"
@@ -75,12 +76,14 @@ def _check_model(args: argparse.Namespace) -> tuple[Path, LlamaConfig]:
     ):
         raise UsageError(f"{what}: no model.safetensors or model.safetensors.index.json")
     try:
-        config = LlamaConfig.from_hf(
-            load_config(model_dir),
+        hf_config = load_config(model_dir)
+        config = family(hf_config.model_type, "--model").from_hf(
+            hf_config,
             dtype=args.dtype,
             param_dtype=args.param_dtype,
             scan_layers=True,
         )
+        check_pretrained(model_dir)  # every header against the config, before any read
     except (ValueError, OSError, TypeError, KeyError) as err:
         raise UsageError(f"{what}: {err}") from None
     return model_dir, config
@@ -171,7 +174,7 @@ def _read_prompts(args: argparse.Namespace, tokenizer: Any) -> list[str]:
     return texts
 
 
-def _encode(texts: list[str], tokenizer: Any, config: LlamaConfig, max_new: int) -> list[Prompt]:
+def _encode(texts: list[str], tokenizer: Any, config: Any, max_new: int) -> list[Prompt]:
     limit = config.max_position_embeddings
     prompts = []
     for i, text in enumerate(texts):
@@ -224,7 +227,7 @@ def find_adapter(path: Path) -> AdapterSource:
     )
 
 
-def _check_mesh(args: argparse.Namespace, config: LlamaConfig) -> Mesh | None:
+def _check_mesh(args: argparse.Namespace, config: Any) -> Mesh | None:
     axes = parse_mesh(args.mesh)
     if not axes:
         return None
@@ -308,7 +311,7 @@ def load(job: Job) -> tuple[Any, Params, rl.LoraConfig | None]:
         scan_layers=True,
         shardings=shardings,
     )
-    model = LlamaForCausalLM(config)
+    model = family_of(config).module(config)
     if job.adapter is None:
         return model, base, None
     what = f"--adapter {str(job.adapter.path)!r}"

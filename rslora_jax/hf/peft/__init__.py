@@ -46,6 +46,7 @@ from rslora_jax.hf.peft._format import (
 )
 from rslora_jax.hf.peft.export import export_peft
 from rslora_jax.hf.peft.importer import import_peft
+from rslora_jax.hf.peft.mapped import export_peft_mapped, gemma_module_map, tunix_module_map
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -54,5 +55,8 @@ __all__ = [
     "LeafSpec",
     "PeftFormatWarning",
     "export_peft",
+    "export_peft_mapped",
+    "gemma_module_map",
     "import_peft",
+    "tunix_module_map",
 ]

@@ -31,6 +31,16 @@ PEFT_PREFIX = "base_model.model."
 PEFT_FORMAT_VERSION = "0.21.2"
 PEFT_TASK_TYPES = (None, "CAUSAL_LM")
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+# The safetensors metadata entry in which export_peft records the factors' orientation: with a
+# full-rank square adapter (r = in = out) shapes cannot tell lora_A from a transposed one.
+LAYOUT_KEY = "rslora_jax.layout"
+
+
+def layout_record(specs: tuple[LeafSpec, ...] | list[LeafSpec]) -> str:
+    """The orientation of each stored leaf, as `LAYOUT_KEY` records it, e.g.
+    ``"lora_A.weight=(r,in);lora_B.weight=(out,r)"``."""
+    shapes = {"a": "(r,in)", "b": "(out,r)", "out": "(out,)"}
+    return ";".join(f"{spec.peft}={shapes[spec.layout]}" for spec in specs)
 
 
 # ============================================================================ adapter methods

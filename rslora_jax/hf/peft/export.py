@@ -17,6 +17,7 @@ from rslora_jax.core.config import LoraConfig
 from rslora_jax.core.tree import (
     KERNEL,
     adapted_holders,
+    adapter_leaves,
     is_adapter_key,
 )
 from rslora_jax.hf import _peft_rules as rules
@@ -24,16 +25,20 @@ from rslora_jax.hf import io as hf_io
 from rslora_jax.hf.peft._format import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    LAYOUT_KEY,
     PEFT_FORMAT_VERSION,
     PEFT_PREFIX,
     PEFT_TASK_TYPES,
     base_modules,
     known_leaf_names,
+    layout_record,
     leaves_for,
     method_to_peft,
     refuse_without_peft_format,
 )
+from rslora_jax.hf.peft._fused import fuse_adapters
 from rslora_jax.models.families import LinearModule, family_of
+from rslora_jax.ops.finite import NonFiniteError, nonfinite_paths
 
 
 # ---------------------------------------------------------------------------- export
@@ -82,10 +87,14 @@ def export_peft(
       task_type: PEFT's ``task_type`` (``"CAUSAL_LM"`` or None).
       dtype: dtype of the stored tensors; None keeps the adapters' dtype.
 
+    The safetensors file records the factors' orientation (metadata ``rslora_jax.layout``), so
+    `import_peft` can trust a full-rank square adapter whose shapes cannot show it.
+
     Raises:
       ValueError: RaSA adapters (not a PEFT format), adapter leaves without a PEFT counterpart,
-        factors whose shapes or ranks do not fit their kernel and `lora_config`, params that do
-        not match `model_config`, a bad `dtype` or `task_type`, or a symbolic link at a target.
+        factors whose shapes or ranks do not fit their kernel and `lora_config`, factors
+        holding NaN or Inf (naming them; also once cast to `dtype`), params that do not match
+        `model_config`, a bad `dtype` or `task_type`, or a symbolic link at a target.
 
     Example:
       >>> import tempfile, jax
@@ -117,11 +126,25 @@ def export_peft(
     fam = family_of(model_config, where)
     scanned = fam.is_scanned(params, where)
     model_cfg = fam.config(model_config, scan_layers=scanned, where=where)
+    specs = leaves_for(lora_config)
+    if fam.fused:  # the checkpoint's fused modules (Phi-3's qkv_proj): adapters joined, exactly
+        base_modules(fam, params, model_cfg, where)
+        params, lora_config = fuse_adapters(fam, params, lora_config, specs, where)
+        fam = fam.fused_view()
     modules = base_modules(fam, params, model_cfg, where)
     holders = adapted_holders(params)
     if not holders:
         raise ValueError(f"{where}: params hold no adapters (no kernel with adapter leaves)")
-    specs = leaves_for(lora_config)
+
+    adapters = {path: adapter_leaves(holder) for path, holder in holders}
+    bad, after = nonfinite_paths(adapters), ""
+    if not bad and out_dtype is not None:
+        bad, after = nonfinite_paths(adapters, out_dtype), f" once cast to {out_dtype}"
+    if bad:
+        raise NonFiniteError(
+            f"{where}: the adapters hold NaN or Inf values{after} at {len(bad)} leaf(s): "
+            f"{bad[:10]}; refusing to write {str(directory)!r}"
+        )
 
     tensors: dict[str, np.ndarray] = {}
     ranks: dict[str, int] = {}
@@ -213,10 +236,10 @@ def export_peft(
         "loftq_config": {},
     }
     if task_type is None:  # what PEFT writes for AutoPeftModel without a task type
+        package = model_cfg.model_type.removesuffix("_text")  # gemma3_text lives in gemma3
         config_dict["auto_mapping"] = {
             "base_model_class": fam.architecture(model_cfg.model_type),
-            "parent_library": f"transformers.models.{model_cfg.model_type}.modeling_"
-            f"{model_cfg.model_type}",
+            "parent_library": f"transformers.models.{package}.modeling_{package}",
         }
     text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
 
@@ -225,7 +248,9 @@ def export_peft(
         for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
             _files.check_target(real_dir, name, where)
     with _files.staged_directory(directory, who=where) as staging:
-        hf_io.write_safetensors(staging / ADAPTER_WEIGHTS_NAME, tensors)
+        hf_io.write_safetensors(
+            staging / ADAPTER_WEIGHTS_NAME, tensors, metadata={LAYOUT_KEY: layout_record(specs)}
+        )
         (staging / ADAPTER_CONFIG_NAME).write_text(text, encoding="utf-8")
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,6 +27,7 @@ from rslora_jax.hf._peft_rules import PeftFormatWarning
 from rslora_jax.hf.peft._format import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
+    LAYOUT_KEY,
     PEFT_PREFIX,
     PICKLE_NAMES,
     UNSUPPORTED_SUFFIXES,
@@ -33,10 +35,14 @@ from rslora_jax.hf.peft._format import (
     base_modules,
     check_method_options,
     known_specs,
+    layout_record,
     leaves_for,
     method_from_peft,
 )
-from rslora_jax.models.families import LinearModule, family_of
+from rslora_jax.hf.peft._fused import member_targets, split_adapters
+from rslora_jax.models.families import LinearModule, family_of, fuse_params
+from rslora_jax.ops.finite import NonFiniteError
+from rslora_jax.ops.quantize import is_quantized
 
 
 # ---------------------------------------------------------------------------- import
@@ -70,8 +76,12 @@ def import_peft(
     lora_A not (r, in_features) or lora_B not (out_features, r) with r from
     ``rank_pattern``/``r`` (a transposed factor has the right numbers in the wrong order; a
     square one is caught by its rank); missing or unexpected tensors (with ``strict``); a
-    ``base_model_name_or_path`` other than `expected_base_model`. Only safetensors are read:
-    a pickled ``adapter_model.bin`` is refused.
+    ``base_model_name_or_path`` other than `expected_base_model`; a factor holding NaN or Inf
+    (or overflowing `dtype`). Only safetensors are read: a pickled ``adapter_model.bin`` is
+    refused. Warnings (`PeftFormatWarning`): a field PEFT's LoraConfig does not define (a
+    typo such as ``lora_alhpa``); a full-rank adapter (r = in_features or out_features), whose
+    square factor looks the same transposed, in a file without the orientation record that
+    `export_peft` writes.
 
     Args:
       directory: the adapter directory (``adapter_config.json``,
@@ -155,7 +165,14 @@ def import_peft(
     fam = family_of(model_config, where)
     scanned = fam.is_scanned(params, where)
     model_cfg = fam.config(model_config, scan_layers=scanned, where=where)
-    modules = base_modules(fam, params, model_cfg, where)
+    ours = base_modules(fam, params, model_cfg, where)
+    split_family = fam
+    if fam.fused:  # PEFT adapts the checkpoint's fused modules (Phi-3's qkv_proj)
+        fam = fam.fused_view()
+        view = jax.eval_shape(lambda p: fuse_params(split_family.fused, p), _kernels(params))
+        modules = base_modules(fam, view, model_cfg, where)
+    else:
+        modules = ours
     by_name = {name: (m, i) for m in modules.values() for i, name in enumerate(m.names)}
     linear_names = list(by_name)
     all_linear = fam.all_linear(linear_names)
@@ -231,6 +248,8 @@ def import_peft(
                         f"{sorted(hf_io.ST_DTYPES)}"
                     )
 
+        _check_orientation(reader.metadata.get(weights_file, {}), specs, loaded, ranks, by_name)
+
         # Group by our path (stacked modules: all layers must agree).
         per_path: dict[str, list[str]] = {}
         for name in loaded:
@@ -264,10 +283,18 @@ def import_peft(
             for k in p.split("/"):
                 node = node.setdefault(k, {})
             for spec in specs:
-                arrs = [spec.from_peft(reader.get(found[(n, spec.ours)])) for n in names]
+                arrs = [_finite(reader, found[(n, spec.ours)], spec, np_dtype) for n in names]
                 arr = np.stack(arrs) if module.stacked else arrs[0]
-                node[spec.ours] = jnp.asarray(arr.astype(np_dtype))
+                node[spec.ours] = jnp.asarray(arr)
 
+    if split_family.fused:  # back onto our split members
+        sizes = {p: m.d_out for p, m in ours.items()}
+        adapters, path_rank, path_alpha = split_adapters(
+            split_family, adapters, path_rank, path_alpha, sizes, specs
+        )
+        per_path = dict.fromkeys(path_rank)
+        meta = member_targets(split_family, meta)
+        modules = ours
     adapted = set(per_path)
     lora_config = LoraConfig(
         rank=r_default,
@@ -285,6 +312,54 @@ def import_peft(
         if lora_config.rank_for(p) != path_rank[p] or lora_config.alpha_for(p) != path_alpha[p]:
             raise AssertionError(f"internal error: pattern translation failed at {p!r}")
     return combine(adapters, params), lora_config
+
+
+def _finite(reader: hf_io.TensorReader, key: str, spec: LeafSpec, dtype: np.dtype) -> np.ndarray:
+    """Tensor `key` in our layout and `dtype`; refused if it holds NaN or Inf (or overflows)."""
+    raw = reader.get(key)
+    x = spec.from_peft(raw).astype(dtype)
+    if not np.isfinite(x).all():
+        after = f" once cast to {dtype}" if np.isfinite(raw).all() else ""
+        raise NonFiniteError(
+            f"import_peft: tensor {key!r} in {str(reader.files[key])!r} holds NaN or Inf "
+            f"values{after}; the adapter is broken"
+        )
+    return x
+
+
+def _check_orientation(
+    metadata: Mapping[str, str],
+    specs: Sequence[LeafSpec],
+    loaded: Sequence[str],
+    ranks: Mapping[str, int],
+    by_name: Mapping[str, Any],
+) -> None:
+    """The factors' orientation: checked against export_peft's record, or a warning where shapes
+    cannot show it (a full-rank factor is square: r = in_features or r = out_features)."""
+    record = metadata.get(LAYOUT_KEY)
+    if record is not None:
+        if record != layout_record(specs):
+            raise ValueError(
+                f"import_peft: the adapter file records the layout {record!r} ({LAYOUT_KEY}), "
+                f"but PEFT's is {layout_record(specs)!r}: it was not written in PEFT's format"
+            )
+        return
+    square = []
+    for name in loaded:
+        module = by_name[name][0]
+        dims = {"a": module.d_in, "b": module.d_out}
+        if any(dims.get(spec.layout) == ranks[name] for spec in specs):
+            square.append(name)
+    if square:
+        warnings.warn(
+            f"import_peft: full-rank adapters (rank = in_features or out_features) at "
+            f"{square[:5]}{' ...' if len(square) > 5 else ''}: a square lora_A or lora_B looks "
+            "the same transposed, and the file records no orientation (it was not written by "
+            "rslora_jax.export_peft), so PEFT's (lora_A: (r, in), lora_B: (out, r)) is assumed "
+            "unchecked",
+            PeftFormatWarning,
+            stacklevel=3,
+        )
 
 
 def _classify_keys(
@@ -328,6 +403,17 @@ def _classify_keys(
         else:
             found[(name, spec.ours)] = key
     return found, unexpected
+
+
+def _kernels(tree: Any) -> Any:
+    """The leaves of a base tree as `jax.ShapeDtypeStruct` (nothing copied; a quantized kernel
+    by its logical shape)."""
+
+    def shape(x: Any) -> jax.ShapeDtypeStruct:
+        dtype = np.float32 if is_quantized(x) else x.dtype
+        return jax.ShapeDtypeStruct(tuple(np.shape(x) if not is_quantized(x) else x.shape), dtype)
+
+    return jax.tree.map(shape, tree, is_leaf=is_quantized)
 
 
 def _all_keys(tree: Any) -> list[str]:
