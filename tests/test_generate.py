@@ -5,8 +5,12 @@ References:
 - greedy tokens and every step's logits from transformers' ``generate`` (its own key/value
   cache, eager attention, float32) on tiny random checkpoints of each family (Llama with
   Llama-3 RoPE and biases, Mistral with a sliding window shorter than the prompts, Qwen2 with
-  tied embeddings), with no adapter, with a PEFT adapter run by PEFT, and with our merged export
-  loaded by transformers; each prompt alone on the PyTorch side, all together on ours;
+  tied embeddings, and the cases of ``tests/test_families.py``: Gemma 2 with soft caps and
+  alternating windows, Gemma 3 with local/global RoPE, Qwen3 with q/k norms, Phi-3 with fused
+  projections and LongRoPE switching from short to long factors during generation, Qwen2 with
+  mixed layers), with no adapter, with a PEFT adapter run by PEFT (Llama; Phi-3 through its
+  fused ``qkv_proj``/``gate_up_proj``), and with our merged export loaded by transformers; each
+  prompt alone on the PyTorch side, all together on ours;
 - every step's logits against our own forward pass without a cache over the sequence so far;
 - a batch of several adapters against each adapter alone, a mesh of 8 devices against one;
 - transformers' logits warpers (temperature, top-k, top-p) for the sampling filters.
@@ -15,6 +19,7 @@ References:
 from __future__ import annotations
 
 import copy
+import functools
 from types import SimpleNamespace
 
 import jax
@@ -30,14 +35,21 @@ from jax.sharding import PartitionSpec as P
 import rslora_jax as rl
 from rslora_jax.generate import Generation, SamplingConfig, filter_logits, generate, loop
 from rslora_jax.hf import import_peft, load_pretrained, save_pretrained
-from rslora_jax.models import LlamaConfig, LlamaForCausalLM, init_params, param_specs
+from rslora_jax.models import (
+    DecoderForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    init_params,
+    param_specs,
+)
 from rslora_jax.ops.stack import stack_adapters
 from tests._asserts import assert_close
-from tests._torch_ref import TINY, VOCAB, torch_model
+from tests._torch_ref import TINY, VOCAB, family_hf_config, sharpened, torch_model
 
 RTOL = 1e-5  # logits: max |ours - reference| / max |reference|
 NEW = 6
 PROMPTS = [[int(t) for t in np.random.default_rng(n).integers(0, VOCAB, n)] for n in (3, 11, 7)]
+WIDTH = max(len(p) for p in PROMPTS) + NEW
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -51,6 +63,12 @@ HF_CONFIGS = {
     ),
     "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=5, head_dim=16),
     "qwen2": lambda: transformers.Qwen2Config(**TINY, tie_word_embeddings=True),
+    # tests/test_families.py's cases; their query/key weights sharpened so that windows,
+    # soft caps and RoPE variants change the tokens.
+    **{
+        case: functools.partial(family_hf_config, case)
+        for case in ("gemma2", "gemma3", "qwen3", "phi3", "qwen2_mixed")
+    },
 }
 
 
@@ -80,11 +98,22 @@ def _check_against_hf(ours: Generation, model) -> None:
         assert_close(ours.logits[i], logits, rel=RTOL, norm="max", what=f"prompt {i} logits")
 
 
-def _full_forward_logits(apply, params, prompt: list[int], new: list[int]) -> np.ndarray:
-    """Logits that predicted each new token, from one forward pass over the whole sequence."""
-    seq = jnp.asarray([prompt + new], jnp.int32)
-    logits = np.asarray(apply({"params": params}, seq), np.float32)[0]
-    return logits[len(prompt) - 1 : len(prompt) - 1 + len(new)]
+def _full_forward_logits(forward, params, prompt: list[int], new: list[int]) -> np.ndarray:
+    """Logits that predicted each new token, each from a forward pass without a cache over the
+    sequence so far (`forward`: a jitted apply). The sequences are right-padded to `WIDTH` (one
+    compilation) with padding at position 0, which changes nothing before it: attention is
+    causal in sequence order and LongRoPE's choice follows the largest position."""
+    out = []
+    for j in range(len(new)):
+        seq = prompt + new[:j]
+        n = len(seq)
+        ids = np.zeros((1, WIDTH), np.int32)
+        ids[0, :n] = seq
+        positions = np.zeros((1, WIDTH), np.int32)
+        positions[0, :n] = np.arange(n)
+        logits = forward({"params": params}, ids, positions)
+        out.append(np.asarray(logits[0, n - 1], np.float32))
+    return np.stack(out)
 
 
 def _no_eos(model):
@@ -95,7 +124,8 @@ def _no_eos(model):
 
 @pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
 def family(request, tmp_path_factory):
-    model = _no_eos(torch_model(HF_CONFIGS[request.param]()))
+    model = torch_model(HF_CONFIGS[request.param]())
+    model = _no_eos(model if request.param in ("llama", "mistral", "qwen2") else sharpened(model))
     directory = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(directory)
     config, params = load_pretrained(directory)
@@ -152,7 +182,7 @@ def with_adapter(llama):
 
 def test_greedy_matches_transformers(family):
     out = generate(
-        LlamaForCausalLM(family.config),
+        DecoderForCausalLM(family.config),
         family.params,
         PROMPTS,
         SamplingConfig(max_new_tokens=NEW),
@@ -161,9 +191,9 @@ def test_greedy_matches_transformers(family):
     _check_against_hf(out, family.torch)
     assert out.lengths.tolist() == [NEW] * len(PROMPTS) and not out.stopped.any()
     # Each step's logits (through the cache) = a forward pass without cache over the sequence.
-    apply = LlamaForCausalLM(family.config).apply
+    forward = jax.jit(DecoderForCausalLM(family.config).apply)
     for i, prompt in enumerate(PROMPTS):
-        full = _full_forward_logits(apply, family.params, prompt, out.tokens[i].tolist())
+        full = _full_forward_logits(forward, family.params, prompt, out.tokens[i].tolist())
         assert_close(out.logits[i], full, rel=RTOL, norm="max", what=f"prompt {i}")
 
 
@@ -172,8 +202,9 @@ def test_peft_adapter_matches_peft_generate(llama, with_adapter):
     base_tokens = [_hf_generate(llama.torch, p)[0] for p in PROMPTS]
     assert with_adapter.tokens.tolist() != base_tokens  # the adapter changes the text
     apply = rl.lora(LlamaForCausalLM(llama.config).apply, llama.lora_config, mode="factored")
+    forward = jax.jit(apply)
     for i, prompt in enumerate(PROMPTS):
-        full = _full_forward_logits(apply, llama.params, prompt, with_adapter.tokens[i].tolist())
+        full = _full_forward_logits(forward, llama.params, prompt, with_adapter.tokens[i].tolist())
         assert_close(with_adapter.logits[i], full, rel=RTOL, norm="max", what=f"prompt {i}")
 
 
@@ -190,6 +221,49 @@ def test_merged_export_matches_transformers(llama, with_adapter, tmp_path):
         LlamaForCausalLM(llama.config), merged, PROMPTS, SamplingConfig(max_new_tokens=NEW)
     )
     assert out.tokens.tolist() == with_adapter.tokens.tolist()
+
+
+def test_phi3_fused_peft_adapters_match_peft_generate(tmp_path):
+    """Phi-3 adapters that PEFT trained on its fused ``qkv_proj``/``gate_up_proj``: each alone,
+    and both in one batch (per-row adapters on the split projections), give PEFT's tokens and
+    logits, while LongRoPE switches from short to long factors during generation."""
+    base_model = _no_eos(sharpened(torch_model(family_hf_config("phi3"))))
+    base_model.save_pretrained(tmp_path)
+    config, base = load_pretrained(tmp_path)
+    refs, trees = [], []
+    for seed in (1, 2):
+        pcfg = peft.LoraConfig(
+            r=4,
+            lora_alpha=6,
+            target_modules="all-linear",
+            use_rslora=True,
+            init_lora_weights=False,  # random A and B: the adapter changes the text
+        )
+        torch.manual_seed(seed)
+        pm = peft.get_peft_model(copy.deepcopy(base_model), pcfg).eval()
+        pm.save_pretrained(str(tmp_path / f"peft{seed}"))
+        refs.append(pm)
+        params, lora_config = import_peft(tmp_path / f"peft{seed}", base, config)
+        trees.append(params)
+    sampling = SamplingConfig(max_new_tokens=NEW)
+    model = DecoderForCausalLM(config)
+    one = generate(model, trees[0], PROMPTS, sampling, lora_config=lora_config, return_logits=True)
+    _check_against_hf(one, refs[0])
+    rows = [1, 0, 1]
+    stacked = rl.combine(stack_adapters(trees, lora_config), base)
+    mixed = generate(
+        model,
+        stacked,
+        PROMPTS,
+        sampling,
+        lora_config=lora_config,
+        adapter_index=rows,
+        return_logits=True,
+    )
+    for i, (prompt, r) in enumerate(zip(PROMPTS, rows)):
+        tokens, logits = _hf_generate(refs[r], prompt)
+        assert mixed.tokens[i].tolist() == tokens, f"row {i}"
+        assert_close(mixed.logits[i], logits, rel=RTOL, norm="max", what=f"row {i}")
 
 
 # --------------------------------------------------------------------------------------------

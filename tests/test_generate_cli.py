@@ -154,6 +154,9 @@ def _bad_cases(ckpt, tmp_path) -> dict[str, tuple[list, str]]:
     rl.save_adapters(other / "ours", o_params, LORA)
     export_peft(other / "peft", o_params, LORA, o_config)
     (tmp_path / "empty").mkdir()
+    gpt2 = shutil.copytree(ckpt.dir, tmp_path / "gpt2")
+    hf = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**hf, "model_type": "gpt2"}))
     long = " ".join(["word"] * 80)
     m = ["--model", ckpt.dir, "--prompt", "def f(", "--max-new-tokens", 8]
     return {
@@ -171,6 +174,7 @@ def _bad_cases(ckpt, tmp_path) -> dict[str, tuple[list, str]]:
         "missing adapter": ([*m, "--adapter", tmp_path / "nope"], "no such directory"),
         "mesh": ([*m, "--mesh", "data=3"], "has 3 devices, but JAX sees 8"),
         "no model": (["--model", tmp_path / "nope", "--prompt", "x"], "no such directory"),
+        "other family": (["--model", gpt2, "--prompt", "x"], r"model_type='gpt2'; supported: \('llama'"),
     }  # fmt: skip
 
 
