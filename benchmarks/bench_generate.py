@@ -14,7 +14,10 @@ side, greedy decoding of ``--new`` tokens after prompts of ``--prompt`` tokens i
 Variants: ``jax`` (the base), ``jax+lora`` (rank-16 rsLoRA adapters on every linear layer,
 ``rslora_jax.lora(mode="auto")``: fused prefill, factored decode), ``torch`` (the base, eager
 attention or SDPA) and ``torch+peft`` (the same adapters through PEFT). JAX compiles once per
-shape (before timing; the compile time is reported). The KV cache's memory is reported from its
+shape (before timing; the compile time is reported). Every variant is set up (compiled, warmed
+up) first; then each repeat times every variant and batch once, in turn (interleaved, so that a
+change in the machine's load touches them all alike), and the medians are reported. The KV
+cache's memory is reported from its
 shape: ``2 * layers * batch * (prompt + new) * kv_heads * head_dim * bytes``.
 
 Run (CPU, a few minutes)::
@@ -60,13 +63,10 @@ SIZES = {
 }
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _checkpoint(args: argparse.Namespace, directory: Path) -> Any:
@@ -89,7 +89,9 @@ def _prompts(args: argparse.Namespace, batch: int, vocab: int) -> list[list[int]
     return rng.integers(0, vocab, (batch, args.prompt)).tolist()
 
 
-def bench_jax(args: argparse.Namespace, directory: Path, adapters: bool) -> list[dict[str, Any]]:
+def bench_jax(args: argparse.Namespace, directory: Path, adapters: bool) -> list[Any]:
+    """``(row, run)`` per batch size: `row` holds what is known before timing (compile time,
+    cache size), ``run(new)`` generates `new` tokens."""
     import jax
     import numpy as np
 
@@ -117,7 +119,7 @@ def bench_jax(args: argparse.Namespace, directory: Path, adapters: bool) -> list
             params,
         )
     model = LlamaForCausalLM(config)
-    rows = []
+    cases = []
     for batch in args.batch:
         prompts = _prompts(args, batch, config.vocab_size)
 
@@ -127,30 +129,21 @@ def bench_jax(args: argparse.Namespace, directory: Path, adapters: bool) -> list
             )
             return out.tokens
 
-        t0 = time.perf_counter()
-        run(1)
-        run(args.new)
-        compile_s = time.perf_counter() - t0
-        first = _median_time(lambda: run(1), args.repeats)
-        full = _median_time(lambda: run(args.new), args.repeats)
+        compile_s = _time(lambda run=run: (run(1), run(args.new)))
         cache = jax.eval_shape(lambda b=batch: init_cache(config, b, args.prompt + args.new))
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-        rows.append(
-            {
-                "variant": "jax+lora" if adapters else "jax",
-                "batch": batch,
-                "time_to_first_token_ms": first * 1e3,
-                "decode_tokens_per_s": batch * (args.new - 1) / (full - first),
-                "total_ms": full * 1e3,
-                "compile_s": compile_s,
-                "kv_cache_mib": nbytes / 2**20,
-            }
-        )
-        print(rows[-1], flush=True)
-    return rows
+        row = {
+            "variant": "jax+lora" if adapters else "jax",
+            "batch": batch,
+            "compile_s": compile_s,
+            "kv_cache_mib": nbytes / 2**20,
+        }
+        cases.append((row, run))
+    return cases
 
 
-def bench_torch(args: argparse.Namespace, model: Any, adapters: bool) -> list[dict[str, Any]]:
+def bench_torch(args: argparse.Namespace, model: Any, adapters: bool) -> list[Any]:
+    """``(row, run)`` per batch size, as `bench_jax`."""
     import copy
 
     import torch
@@ -170,7 +163,7 @@ def bench_torch(args: argparse.Namespace, model: Any, adapters: bool) -> list[di
         model = peft.get_peft_model(model, lora).eval()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = []
+    cases = []
     for batch in args.batch:
         ids = torch.as_tensor(_prompts(args, batch, model.config.vocab_size), device=args.device)
         mask = torch.ones_like(ids)
@@ -190,19 +183,8 @@ def bench_torch(args: argparse.Namespace, model: Any, adapters: bool) -> list[di
             return out
 
         run(2)  # warm-up
-        first = _median_time(lambda: run(1), args.repeats)
-        full = _median_time(lambda: run(args.new), args.repeats)
-        rows.append(
-            {
-                "variant": "torch+peft" if adapters else "torch",
-                "batch": batch,
-                "time_to_first_token_ms": first * 1e3,
-                "decode_tokens_per_s": batch * (args.new - 1) / (full - first),
-                "total_ms": full * 1e3,
-            }
-        )
-        print(rows[-1], flush=True)
-    return rows
+        cases.append(({"variant": "torch+peft" if adapters else "torch", "batch": batch}, run))
+    return cases
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -226,14 +208,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
     import transformers
 
-    rows: list[dict[str, Any]] = []
+    cases: list[Any] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = _checkpoint(args, Path(tmp))
         for v in variants:
             if v.startswith("jax"):
-                rows += bench_jax(args, Path(tmp), adapters=v == "jax+lora")
+                cases += bench_jax(args, Path(tmp), adapters=v == "jax+lora")
             else:
-                rows += bench_torch(args, model, adapters=v == "torch+peft")
+                cases += bench_torch(args, model, adapters=v == "torch+peft")
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in cases]
+    for r in range(args.repeats):  # interleaved: every case once per repeat
+        for (row, run), (firsts, fulls) in zip(cases, times):
+            firsts.append(_time(lambda run=run: run(1)))
+            fulls.append(_time(lambda run=run: run(args.new)))
+            print(f"repeat {r + 1}: {row['variant']} batch {row['batch']}: "
+                  f"{firsts[-1]:.3f} s, {fulls[-1]:.3f} s", flush=True)  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    for (row, _), (firsts, fulls) in zip(cases, times):
+        first, full = statistics.median(firsts), statistics.median(fulls)
+        rows.append(
+            {
+                **row,
+                "time_to_first_token_ms": first * 1e3,
+                "decode_tokens_per_s": row["batch"] * (args.new - 1) / (full - first),
+                "total_ms": full * 1e3,
+            }
+        )
     result = {
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "shape": SIZES[args.size],

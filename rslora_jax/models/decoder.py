@@ -193,9 +193,6 @@ class Attention(nn.Module):
             q = _norm(c, "q_norm")(q)
             k = _norm(c, "k_norm")(k)
 
-        if cache is not None and inputs.segment_ids is not None:
-            raise ValueError("segment_ids (packed rows) and a key/value cache do not mix")
-
         def attend(
             index: int, q: Array, k: Array, v: Array, inputs: LayerInputs, cache: Any
         ) -> tuple[Array, Any]:
@@ -438,6 +435,11 @@ class DecoderForCausalLM(nn.Module):
             positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.asarray(positions), input_ids.shape)
         if segment_ids is not None:
+            if cache is not None:
+                raise ValueError(
+                    "segment_ids (packed rows) and a key/value cache do not mix: decode one "
+                    "sequence per row"
+                )
             segment_ids = jnp.broadcast_to(jnp.asarray(segment_ids), input_ids.shape)
         lengths = None
         if cache is not None and logits_index is not None:
