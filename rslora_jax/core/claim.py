@@ -33,6 +33,8 @@ class Claims:
       skip: paths that are merged by the caller (not to be claimed).
       mode: ``"factored"``, ``"fused"`` or ``"auto"``.
       shared: the params' top-level adapter entries (e.g. RaSA pools), by key.
+      rows: one adapter index per batch row when several adapters (stacked on a leading axis)
+        serve one batch, else None.
       claimed: the paths claimed so far.
     """
 
@@ -42,11 +44,13 @@ class Claims:
         skip: frozenset[str],
         mode: str,
         shared: Mapping[str, Any] | None = None,
+        rows: Any = None,
     ):
         self.config = config
         self.skip = skip
         self.mode = mode
         self.shared = dict(shared or {})
+        self.rows = rows
         self.claimed: set[str] = set()
 
     def claim(self, path: str, holder: Mapping[str, Any] | None) -> bool:
@@ -68,10 +72,14 @@ def active() -> Claims | None:
 
 @contextlib.contextmanager
 def activate(
-    config: LoraConfig, skip: frozenset[str], mode: str, shared: Mapping[str, Any] | None = None
+    config: LoraConfig,
+    skip: frozenset[str],
+    mode: str,
+    shared: Mapping[str, Any] | None = None,
+    rows: Any = None,
 ) -> Iterator[Claims]:
     """Makes a `Claims` active for the duration of a model call."""
-    state = Claims(config, skip, mode, shared)
+    state = Claims(config, skip, mode, shared, rows)
     token = _ACTIVE.set(state)
     try:
         yield state

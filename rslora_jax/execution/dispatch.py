@@ -15,8 +15,10 @@ per layer and per call:
   ``d_in x d_out`` update; always possible.
 
 ``mode="fused"`` fuses wherever possible, ``"factored"`` never fuses, ``"auto"`` fuses when the
-call holds enough tokens (`prefers_fused`). Layers no frontend can describe are merged by the
-linen frontend (``rslora_jax.lora``'s merged fallback). A column rescale ``c`` (DoRA's
+call holds enough tokens (`prefers_fused`). With a per-row adapter index (``rows``: several
+adapters in one batch, the factors stacked on a leading adapter axis) the call is factored, each
+row of the input with its own factors (`per_row_outputs`). Layers no frontend can describe are
+merged by the linen frontend (``rslora_jax.lora``'s merged fallback). A column rescale ``c`` (DoRA's
 ``m / ||W + scale*A@B||``) multiplies the output columns of ``x @ (W + scale*A@B)`` (fused) or
 is applied as PEFT does it, ``y + (c - 1) * (x_d @ W) + c * scale * (x_d @ A) @ B`` with ``x_d``
 the dropped-out input (factored).
@@ -296,6 +298,7 @@ def adapted(
     col: Any = None,
     mode: str = "auto",
     dropout: Callable[[jax.Array], jax.Array] | None = None,
+    rows: jax.Array | None = None,
 ) -> jax.Array:
     """One adapted layer's output (see the module docstring).
 
@@ -308,6 +311,8 @@ def adapted(
       col: the column rescale ``(*l, d_out)`` or None.
       mode: ``"auto"``, ``"fused"`` or ``"factored"``.
       dropout: the adapter input's dropout, when active (forces the factored path).
+      rows: one adapter index per row of `x` (its leading axis), or None; with it, `pair` and
+        `col` have a leading adapter axis (see `per_row_outputs`).
 
     Returns:
       The layer's output with the adapter.
@@ -319,7 +324,7 @@ def adapted(
       >>> adapted(jnp.ones((4, 2)), lin, pair, mode="fused")[0].tolist()
       [1.0, 1.0, 1.0]
     """
-    split = lin.split_members() if dropout is None else None
+    split = lin.split_members() if dropout is None and rows is None else None
     if split is not None:
         lins, axis = split
         if fuses(x, lins, mode):
@@ -328,7 +333,9 @@ def adapted(
             cols = [None if col is None else col[i] for i in range(len(lins))]
             ys = adapted_group(x, lins, pairs, cols=cols, mode=mode)
             return jnp.stack(ys, axis=axis)
-    (y,) = adapted_group(x, [lin], [pair], bases=[base], cols=[col], mode=mode, dropouts=[dropout])
+    (y,) = adapted_group(
+        x, [lin], [pair], bases=[base], cols=[col], mode=mode, dropouts=[dropout], rows=rows
+    )
     return y
 
 
@@ -341,6 +348,7 @@ def adapted_group(
     cols: Sequence[Any] | None = None,
     mode: str = "auto",
     dropouts: Sequence[Callable[[jax.Array], jax.Array] | None] | None = None,
+    rows: jax.Array | None = None,
 ) -> list[jax.Array]:
     """Outputs of adapted layers that read the same input `x` (q/k/v, gate/up).
 
@@ -356,6 +364,7 @@ def adapted_group(
       cols: each layer's column rescale or None.
       mode: ``"auto"``, ``"fused"`` or ``"factored"``.
       dropouts: each layer's active dropout or None.
+      rows: one adapter index per row of `x`, or None (see `per_row_outputs`).
 
     Returns:
       One output per layer.
@@ -364,6 +373,8 @@ def adapted_group(
     bases = list(bases or [None] * n)
     cols = list(cols or [None] * n)
     dropouts = list(dropouts or [None] * n)
+    if rows is not None:
+        return per_row_outputs(x, lins, pairs, rows, bases=bases, cols=cols, dropouts=dropouts)
     views = [lin.view(x) if lin.exact else None for lin in lins]
     if fuses(x, lins, mode, dropouts):
         return _fused_outputs(x, lins, views, pairs, cols)
@@ -384,4 +395,114 @@ def adapted_group(
     return result
 
 
-__all__ = ["MODES", "Contraction", "View", "adapted", "adapted_group", "choose", "fuses"]
+def per_row_outputs(
+    x: jax.Array,
+    lins: Sequence[Contraction],
+    pairs: Sequence[Pair],
+    rows: jax.Array,
+    *,
+    bases: Sequence[Callable[[jax.Array], jax.Array] | None] | None = None,
+    cols: Sequence[Any] | None = None,
+    dropouts: Sequence[Callable[[jax.Array], jax.Array] | None] | None = None,
+) -> list[jax.Array]:
+    """Outputs of adapted layers reading `x`, row ``b`` of `x` with adapter ``rows[b]``.
+
+    Several adapters serve one batch (PEFT's ``adapter_names``): each pair holds the factors of
+    ``N`` adapters stacked on a leading axis, ``A (N, d_in, r)`` and ``B (N, r, d_out)`` (a column
+    rescale ``(N, d_out)``), and row ``b`` computes ``y_b + scale * (x_b @ A[rows[b]]) @
+    B[rows[b]]``: the factors are gathered per row, never merged, so the result of row ``b``
+    equals the single-adapter factored forward with adapter ``rows[b]`` (up to rounding).
+    Projections without dropout share one ``x @ [A_1 | A_2 | ...]`` product, as in
+    `adapted_group`. Differentiable (e.g. to train several adapters in one batch).
+
+    Args:
+      x: the shared input ``(B, ..., d_in...)``: its leading axis is the batch.
+      lins: the layers; each must be a plain matmul view of `x` (`Contraction.view`).
+      pairs: one ``(A, B, scale)`` per layer, with the leading adapter axis.
+      rows: ``(B,)`` integer adapter indices in ``[0, N)``.
+      bases: each layer's own call (default ``lin.plain``).
+      cols: each layer's column rescale ``(N, d_out)`` or None.
+      dropouts: each layer's active dropout or None.
+
+    Returns:
+      One output per layer.
+
+    Raises:
+      ValueError: if a layer is not a plain matmul of `x` or `rows` does not fit `x`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> lin = Contraction(("bi", "io", "bo"), jnp.zeros((2, 3)))
+      >>> a = jnp.ones((2, 2, 1))  # two adapters
+      >>> b = jnp.stack([jnp.ones((1, 3)), 2 * jnp.ones((1, 3))])
+      >>> (y,) = per_row_outputs(jnp.ones((2, 2)), [lin], [(a, b, 0.5)], jnp.array([1, 0]))
+      >>> y.tolist()
+      [[2.0, 2.0, 2.0], [1.0, 1.0, 1.0]]
+    """
+    n = len(lins)
+    bases = list(bases or [None] * n)
+    cols = list(cols or [None] * n)
+    dropouts = list(dropouts or [None] * n)
+    views = [lin.view(x) for lin in lins]
+    if rows.ndim != 1 or x.ndim < 2 or rows.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"per-row adapters: the adapter index must have one entry per row of the input "
+            f"(its leading axis); got index shape {tuple(rows.shape)} for input {tuple(x.shape)}"
+        )
+    for lin, v in zip(lins, views):
+        if v is None or not v.lead:
+            raise ValueError(
+                f"per-row adapters need layers that are plain matmuls of their input; einsum "
+                f"{lin.eq} with kernel {tuple(lin.kernel.shape)} is not"
+            )
+    dtype = lins[0].compute_dtype(x)
+    d_in = views[0].d_in
+    rows = rows.astype(jnp.int32)
+    xs = [x if d is None else d(x) for d in dropouts]
+
+    def flat(t: jax.Array) -> jax.Array:  # (B, tokens per row, d_in)
+        return t.astype(dtype).reshape(t.shape[0], -1, d_in)
+
+    def gathered(t: jax.Array) -> jax.Array:
+        return jnp.take(t, rows, axis=0).astype(dtype)
+
+    if n > 1 and all(d is None for d in dropouts):
+        a_cat = jnp.concatenate([gathered(a) for a, _, _ in pairs], axis=-1)
+        xa_all = jnp.einsum("bti,bir->btr", flat(x), a_cat)
+        xas, offset = [], 0
+        for a, _, _ in pairs:
+            xas.append(xa_all[..., offset : offset + a.shape[-1]])
+            offset += a.shape[-1]
+    else:
+        xas = [
+            jnp.einsum("bti,bir->btr", flat(xd), gathered(a)) for xd, (a, _, _) in zip(xs, pairs)
+        ]
+    result = []
+    for lin, v, (_, b, s), xa, base, col, xd in zip(lins, views, pairs, xas, bases, cols, xs):
+        out = jnp.einsum("btr,bro->bto", xa * jnp.asarray(s, dtype), gathered(b))
+        own = base is not None and not is_quantized(lin.kernel)
+        y = base(x) if own else lin.plain(x)
+        y3 = y.reshape(y.shape[0], -1, v.d_out)
+        if col is None:
+            y3 = y3 + out.astype(y.dtype)
+        else:  # PEFT's DoRA form, as `_combine`, with each row's column scale
+            if xd is x:
+                plain = y3 if lin.bias is None else y3 - lin.bias.reshape(-1).astype(y.dtype)
+            else:
+                plain = lin.plain(xd, with_bias=False).astype(y.dtype).reshape(y3.shape)
+            c = jnp.take(col, rows, axis=0).astype(jnp.float32)[:, None, :]
+            y3 = y3 + plain * (c - 1.0).astype(y.dtype) + out.astype(y.dtype) * c.astype(y.dtype)
+        result.append(y3.reshape(y.shape))
+    return result
+
+
+__all__ = [
+    "MODES",
+    "Contraction",
+    "View",
+    "adapted",
+    "adapted_group",
+    "choose",
+    "fuses",
+    "per_row_outputs",
+]

@@ -369,6 +369,7 @@ def _interceptor(
     compute: bool,
     shared: Mapping[str, Any] | None = None,
     mode: str = "auto",
+    rows: Any = None,
 ):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -394,7 +395,12 @@ def _interceptor(
             return call.lin.plain(call.x) if quantized else next_fun(*args, **kwargs)
         x, lin = call.x, call.lin
         leaves, bias = split_bias(adapter_leaves(call.holder))
-        pair, col = method_inputs(config, leaves, path, shared, lin)
+        if bias is not None and rows is not None:
+            raise ValueError(
+                f"adapter_index: the adapters at {path!r} carry a lora_bias, which per-row "
+                "(stacked) adapters do not support; serve them one adapter per batch"
+            )
+        pair, col = method_inputs(config, leaves, path, shared, lin, rows)
 
         def base(inp: jax.Array) -> jax.Array:
             a, kw = call.with_input(inp)
@@ -408,6 +414,7 @@ def _interceptor(
             col=col,
             mode=mode,
             dropout=linen_dropout(module, config.dropout),
+            rows=rows,
         )
         return add_bias(y, bias, config.scale_for(path), path)
 
@@ -434,21 +441,23 @@ def _signature(tree: Any) -> Any:
     return treedef, tuple(sig)
 
 
-def _factorable(apply_fn, config, variables, args, kwargs, shared=None) -> frozenset[str]:
+def _factorable(
+    apply_fn, config, variables, args, kwargs, shared=None, rows=None
+) -> frozenset[str]:
     """The adapted module paths that the interceptor (or the model) handles, from an abstract
     trace. `shared`: the params' top-level adapter entries (RaSA's pools), which a model that
-    claims its projections needs to compute them."""
-    leaves, treedef = jax.tree.flatten((variables, args, kwargs, shared or {}))
+    claims its projections needs to compute them; `rows`: the per-row adapter index, if any."""
+    leaves, treedef = jax.tree.flatten((variables, args, kwargs, shared or {}, rows))
     dyn_idx = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
 
     def run(*dyn):
         full = list(leaves)
         for i, val in zip(dyn_idx, dyn):
             full[i] = val
-        v, a, kw, sh = jax.tree.unflatten(treedef, full)
+        v, a, kw, sh, rw = jax.tree.unflatten(treedef, full)
         with (
             _retrace(apply_fn, kw),
-            claim.activate(config, frozenset(), "factored", sh) as ctx,
+            claim.activate(config, frozenset(), "factored", sh, rw) as ctx,
             nn.intercept_methods(_interceptor(config, handled, frozenset(), compute=False)),
         ):
             out = apply_fn(v, *a, **kw)
@@ -483,7 +492,14 @@ def lora(
         factor; ``"fused"`` and ``"auto"`` merge such layers.
 
     Returns:
-      The wrapped apply function.
+      The wrapped apply function. It also takes a keyword ``adapter_index``: ``(B,)``
+      integers, one adapter per row of the batch (the leading axis of the model's input), for
+      params whose adapters stack ``N`` adapters on a leading axis
+      (`rslora_jax.ops.stack.stack_adapters`): row ``b`` is computed with adapter
+      ``adapter_index[b]`` (factored, PEFT's ``adapter_names``), as if it ran alone with that
+      adapter. Indices must lie in ``[0, N)``. Only layers the factored forward computes (and
+      plain matmuls: Dense layers, the built-in models' projections) can be served that way;
+      ``mode="merged"`` refuses it.
 
     Raises:
       ValueError: for an unknown mode.
@@ -507,7 +523,9 @@ def lora(
     plans: dict[Any, frozenset[str]] = {}
 
     @functools.wraps(apply_fn)
-    def wrapped(variables: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def wrapped(
+        variables: Mapping[str, Any], *args: Any, adapter_index: Any = None, **kwargs: Any
+    ) -> Any:
         if not isinstance(variables, Mapping) or "params" not in variables:
             raise ValueError(
                 "the wrapped apply expects a variables dict with a 'params' collection, "
@@ -515,6 +533,19 @@ def lora(
                 f"{sorted(variables) if isinstance(variables, Mapping) else 'n/a'}"
             )
         params = variables["params"]
+        rows = None
+        if adapter_index is not None:
+            if mode == "merged":
+                raise ValueError(
+                    "adapter_index (several adapters in one batch) needs the factored forward; "
+                    "mode='merged' cannot serve it: use mode='auto' or 'factored'"
+                )
+            rows = jax.numpy.asarray(adapter_index)
+            if rows.ndim != 1 or not jax.numpy.issubdtype(rows.dtype, jax.numpy.integer):
+                raise ValueError(
+                    f"adapter_index must be a 1-D integer array (one adapter per batch row); "
+                    f"got shape {tuple(rows.shape)} and dtype {rows.dtype}"
+                )
         if mode == "merged":
             if config.dropout > 0 and DROPOUT_RNG in (kwargs.get("rngs") or {}):
                 raise ValueError(
@@ -533,13 +564,19 @@ def lora(
         wanted = set(adapter_paths(params)) | embeddings
         skip: frozenset[str] = frozenset()
         if mode in ("auto", "fused"):
-            key = _signature((variables, args, kwargs))
+            key = _signature((variables, args, kwargs, rows))
             plan = plans.get(key) if key is not None else None
             if plan is None:
-                plan = _factorable(apply_fn, config, variables, args, kwargs, shared)
+                plan = _factorable(apply_fn, config, variables, args, kwargs, shared, rows)
                 if key is not None:
                     plans[key] = plan
             unhandled = wanted - plan
+            if unhandled and rows is not None:
+                raise ValueError(
+                    f"adapter_index: the adapters at {sorted(unhandled)} belong to layers the "
+                    "factored forward cannot compute (they could only be merged, which serves "
+                    "one adapter per batch)"
+                )
             if unhandled:
                 params = merged_kernels({**params, **shared}, config, unhandled - embeddings)
                 if unhandled & embeddings:  # tables not read through nn.Embed: merged
@@ -550,12 +587,18 @@ def lora(
         handled: set[str] = set()
         with (
             _retrace(apply_fn, kwargs),
-            claim.activate(config, skip, mode, shared) as ctx,
-            nn.intercept_methods(_interceptor(config, handled, skip, True, shared, mode)),
+            claim.activate(config, skip, mode, shared, rows) as ctx,
+            nn.intercept_methods(_interceptor(config, handled, skip, True, shared, mode, rows)),
         ):
             out = apply_fn(variables, *args, **kwargs)
         handled.update(ctx.claimed)
         missing = wanted - handled - skip
+        if rows is not None and missing:
+            raise ValueError(
+                f"adapter_index: the adapters at {sorted(missing)} were not computed: their "
+                "modules are not Dense, DenseGeneral, Einsum or a registered Dense-like module "
+                "(rslora_jax.register_dense_like), or were never called"
+            )
         if mode == "factored" and missing:
             raise ValueError(
                 "mode='factored' cannot compute the adapters at "

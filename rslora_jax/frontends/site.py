@@ -34,14 +34,22 @@ def method_inputs(
     path: str,
     shared: Mapping[str, Any] | None,
     lin: Contraction,
+    rows: Any = None,
 ) -> tuple[tuple[Any, Any, float], Any]:
     """``((A, B, scale), c)`` for the adapted layer `lin` at `path`: the config's method's factor
     pair and column rescale (None unless the method has one), checked against the kernel as this
     call sees it (one layer's slice inside ``nn.scan``).
 
+    With `rows` (several adapters in one batch), every leaf and the shared entries carry a
+    leading adapter axis of ``N`` adapters (after the layer axes ``nn.scan`` slices away: see
+    `rslora_jax.ops.stack.stack_adapters`); A, B and c then have that axis too (the method is
+    applied to each adapter, `jax.vmap`).
+
     Raises:
       ValueError: if the leaves are not the method's, or do not fit the kernel.
     """
+    if rows is not None:
+        return _stacked_inputs(config, leaves, path, shared, lin)
     method = config.method
     check_leaf_names(method, leaves, path)
     a, b, scale = method.pair(leaves, path, config, shared)
@@ -94,6 +102,42 @@ def add_bias(y: jax.Array, bias: Any, scale: float, path: str) -> jax.Array:
     return y + b.astype(y.dtype)
 
 
+def _stacked_inputs(
+    config: LoraConfig,
+    leaves: Mapping[str, Any],
+    path: str,
+    shared: Mapping[str, Any] | None,
+    lin: Contraction,
+) -> tuple[tuple[Any, Any, float], Any]:
+    """`method_inputs` of stacked adapters (a leading adapter axis on every leaf)."""
+    sizes = {name: (leaf.shape[0] if leaf.ndim else None) for name, leaf in leaves.items()}
+    sizes.update(
+        {f"{key}/...": x.shape[0] if x.ndim else None for key, x in _flat(shared or {}).items()}
+    )
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(
+            f"stacked adapters at {path!r}: every adapter leaf (and shared entry) needs the same "
+            f"leading adapter axis; got leading sizes {sizes}. Stack the adapter trees with "
+            "rslora_jax.ops.stack.stack_adapters"
+        )
+    first = jax.tree.map(lambda t: t[0], (dict(leaves), dict(shared or {})))
+    (_, _, scale), _ = method_inputs(config, first[0], path, first[1] or None, lin)  # checks
+
+    def one(lv: Any, sh: Any) -> tuple[Any, Any, Any]:
+        (a, b, _), col = method_inputs(config, lv, path, sh or None, lin)
+        return a, b, col
+
+    a, b, col = jax.vmap(one)(dict(leaves), dict(shared or {}))
+    return (a, b, scale), col
+
+
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 def linen_dropout(module: Any, rate: float) -> Callable[[jax.Array], jax.Array] | None:
     """The adapter-input dropout of a linen call, or None when inactive (no rate, or no
     ``rngs={"lora_dropout": key}`` stream). Each call of the result draws a new mask."""
@@ -127,14 +171,28 @@ def group_output(
     pairs, cols, lins, bases, drops, biases = [], [], [], [], [], []
     for path, holder, lin, base in entries:
         leaves, bias = split_bias(adapter_leaves(holder))
-        pair, col = method_inputs(claims.config, leaves, path, claims.shared, lin)
+        if bias is not None and claims.rows is not None:
+            raise ValueError(
+                f"adapter_index: the adapters at {path!r} carry a lora_bias, which per-row "
+                "(stacked) adapters do not support; serve them one adapter per batch"
+            )
+        pair, col = method_inputs(claims.config, leaves, path, claims.shared, lin, claims.rows)
         biases.append((bias, path))
         pairs.append(pair)
         cols.append(col)
         lins.append(lin)
         bases.append(base)
         drops.append(dropout() if dropout is not None else None)
-    ys = adapted_group(x, lins, pairs, bases=bases, cols=cols, mode=claims.mode, dropouts=drops)
+    ys = adapted_group(
+        x,
+        lins,
+        pairs,
+        bases=bases,
+        cols=cols,
+        mode=claims.mode,
+        dropouts=drops,
+        rows=claims.rows,
+    )
     return [add_bias(y, b, claims.config.scale_for(path), path) for y, (b, path) in zip(ys, biases)]
 
 

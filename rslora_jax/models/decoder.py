@@ -30,8 +30,11 @@ projections that read one input (q/k/v, gate/up) claim their adapters and comput
 together (`rslora_jax.core.claim`).
 
 Attention is `rslora_jax.models.attention.attention`. Each layer receives the per-call inputs
-as one `LayerInputs` pytree (broadcast to every layer by the scan), which later callers extend
-(segment ids, a key/value cache) without changing the layer signature.
+as one `LayerInputs` pytree (broadcast to every layer by the scan), and optionally its slice of a
+key/value cache (`rslora_jax.models.cache`, scanned over the cache's leading layer axis): the
+new tokens' keys and values (RoPE applied) are written at their positions and the queries attend
+over the whole cache, causal by position, with the layer's window and soft cap, so decoding one
+token at a time computes what the full forward computes (`rslora_jax.generate`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ from rslora_jax.core import claim
 from rslora_jax.execution.dispatch import Contraction
 from rslora_jax.frontends.site import group_output, linen_dropout
 from rslora_jax.models.attention import attention, materialises_scores
+from rslora_jax.models.cache import KVCache, attend_cached
 from rslora_jax.models.rope import apply_rope, cos_sin
 
 # --------------------------------------------------------------------------------------------
@@ -158,13 +162,17 @@ class Attention(nn.Module):
 
     ``kind`` is the layer's index into ``config.arch.kinds``: a Python int (unscanned layers),
     a traced int (scanned layers of several kinds: one ``lax.switch`` branch per kind, each
-    with a static window) or None (every layer alike).
+    with a static window) or None (every layer alike). With ``cache`` (this layer's
+    `KVCache`), the new keys and values are written into it at ``inputs.positions`` and the
+    queries attend over it; returns ``(y, cache)`` (the cache None without one).
     """
 
     config: Any
 
     @nn.compact
-    def __call__(self, x: Array, inputs: LayerInputs, kind: Any = None) -> Array:
+    def __call__(
+        self, x: Array, inputs: LayerInputs, kind: Any = None, cache: KVCache | None = None
+    ) -> tuple[Array, KVCache | None]:
         c = self.config
         a = c.arch
         b, s, _ = x.shape
@@ -185,40 +193,39 @@ class Attention(nn.Module):
             q = _norm(c, "q_norm")(q)
             k = _norm(c, "k_norm")(k)
 
-        def attend(index: int, q: Array, k: Array, v: Array, inputs: LayerInputs) -> Array:
+        def attend(
+            index: int, q: Array, k: Array, v: Array, inputs: LayerInputs, cache: Any
+        ) -> tuple[Array, Any]:
             lk = a.kinds[index]
             cos, sin = inputs.rope[lk.rope]
             q = apply_rope(q, cos, sin)
             k = apply_rope(k, cos, sin)
-            return attention(
-                q,
-                k,
-                v,
-                scale=a.query_scale,
-                window=lk.window,
-                segment_ids=inputs.segment_ids,
-                softcap=a.attn_softcap,
-                impl=c.attention_impl,
+            kw = dict(
+                scale=a.query_scale, window=lk.window, softcap=a.attn_softcap, impl=c.attention_impl
             )
+            if cache is not None:
+                return attend_cached(q, k, v, cache, inputs.positions, **kw)
+            return attention(q, k, v, segment_ids=inputs.segment_ids, **kw), None
 
         if kind is None or isinstance(kind, int | np.integer):
             run = functools.partial(attend, 0 if kind is None else int(kind))
         else:
             branches = [functools.partial(attend, i) for i in range(len(a.kinds))]
 
-            def run(q: Array, k: Array, v: Array, inputs: LayerInputs) -> Array:
-                return jax.lax.switch(kind, branches, q, k, v, inputs)
+            def run(q: Array, k: Array, v: Array, inputs: LayerInputs, cache: Any) -> Any:
+                return jax.lax.switch(kind, branches, q, k, v, inputs, cache)
 
         masked = inputs.segment_ids is not None or a.attn_softcap is not None
-        if materialises_scores(c.attention_impl, s, masked) and not c.remat:
+        if cache is None and materialises_scores(c.attention_impl, s, masked) and not c.remat:
             # The XLA path materialises (B, H, S, S) logits and probabilities: recompute them in
             # the backward pass rather than keep them for every layer (cuDNN's fused kernel and
             # the blocked CPU one keep only the log-sum-exp; with remat the whole layer is
             # recomputed anyway).
             run = jax.checkpoint(run)
-        out = run(q, k, v, inputs).reshape(b, s, nq * hd)
+        out, cache = run(q, k, v, inputs, cache)
+        out = out.reshape(b, s, nq * hd)
         (y,) = _projections(self, out, (("o_proj", c.hidden_size, a.o_bias),))
-        return y
+        return y, cache
 
 
 _ACT = {
@@ -251,16 +258,18 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder block (with post-norms too for Gemma). Returns ``(x, None)`` so that it
-    can be scanned."""
+    """Pre-norm decoder block (with post-norms too for Gemma). Returns ``(x, cache)`` (the
+    layer's updated key/value cache, None without one) so that it can be scanned."""
 
     config: Any
 
     @nn.compact
-    def __call__(self, x: Array, inputs: LayerInputs, kind: Any = None) -> tuple[Array, None]:
+    def __call__(
+        self, x: Array, inputs: LayerInputs, kind: Any = None, cache: KVCache | None = None
+    ) -> tuple[Array, KVCache | None]:
         c = self.config
         h = _norm(c, "input_layernorm")(x)
-        h = Attention(c, name="self_attn")(h, inputs, kind)
+        h, cache = Attention(c, name="self_attn")(h, inputs, kind, cache)
         if c.arch.sandwich_norms:
             x = x + _norm(c, "post_attention_layernorm")(h)
             h = _norm(c, "pre_feedforward_layernorm")(x)
@@ -269,7 +278,7 @@ class DecoderLayer(nn.Module):
             x = x + h
             h = _norm(c, "post_attention_layernorm")(x)
             x = x + MLP(c, name="mlp")(h)
-        return x, None
+        return x, cache
 
 
 def _block_class(config: Any) -> Any:
@@ -289,15 +298,22 @@ class _LayerList(nn.Module):
     config: Any
 
     @nn.compact
-    def __call__(self, x: Array, inputs: LayerInputs) -> Array:
+    def __call__(
+        self, x: Array, inputs: LayerInputs, cache: KVCache | None = None
+    ) -> tuple[Array, KVCache | None]:
         c = self.config
         block = _block_class(c)
+        layers = []
         for i in range(c.num_hidden_layers):
             kind = c.arch.layer_kinds[i] if _mixed(c) else None
             if kind is not None and c.remat:
                 kind = jnp.asarray(kind, jnp.int32)  # nn.remat traces its arguments
-            x, _ = block(c, name=str(i))(x, inputs, kind)
-        return x
+            layer = None if cache is None else cache.layer(i)
+            x, layer = block(c, name=str(i))(x, inputs, kind, layer)
+            layers.append(layer)
+        if cache is None:
+            return x, None
+        return x, jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
 
 
 class DecoderModel(nn.Module):
@@ -319,7 +335,7 @@ class DecoderModel(nn.Module):
                 _block_class(c),
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast, 0 if _mixed(c) else nn.broadcast),
+                in_axes=(nn.broadcast, 0 if _mixed(c) else nn.broadcast, 0),
                 length=c.num_hidden_layers,
             )(c)
         else:
@@ -327,8 +343,16 @@ class DecoderModel(nn.Module):
         self.norm = _norm(c, "norm")
 
     def __call__(
-        self, input_ids: Array, positions: Array, segment_ids: Array | None = None
-    ) -> Array:
+        self,
+        input_ids: Array,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: KVCache | None = None,
+        lengths: Array | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """``(hidden states, updated cache)`` (the cache None without one). With a cache,
+        `lengths` (B,) is each row's sequence length (default: its largest position + 1), from
+        which LongRoPE picks its frequencies per row."""
         c = self.config
         a = c.arch
         x = self.embed_tokens(input_ids)
@@ -336,17 +360,19 @@ class DecoderModel(nn.Module):
             # transformers rounds the scale to the weights' dtype (sqrt(3072) -> 55.5 in bf16).
             scale = jnp.asarray(a.embed_scale, c.param_dtype).astype(x.dtype)
             x = x * scale
+        if cache is not None and lengths is None:
+            lengths = jnp.max(positions, axis=1) + 1
         inputs = LayerInputs(
-            rope=tuple(cos_sin(r, positions) for r in a.ropes),
+            rope=tuple(cos_sin(r, positions, None if cache is None else lengths) for r in a.ropes),
             positions=positions,
             segment_ids=segment_ids,
         )
         if c.scan_layers:
             kinds = jnp.asarray(a.layer_kinds, jnp.int32) if _mixed(c) else None
-            x, _ = self.layers(x, inputs, kinds)
+            x, cache = self.layers(x, inputs, kinds, cache)
         else:
-            x = self.layers(x, inputs)
-        return self.norm(x)
+            x, cache = self.layers(x, inputs, cache)
+        return self.norm(x), cache
 
     def attend(self, hidden: Array) -> Array:
         """Logits through the (tied) input embedding."""
@@ -360,16 +386,24 @@ class DecoderForCausalLM(nn.Module):
     Args (of ``__call__``):
         input_ids: (B, S) integer token ids.
         positions: optional (B, S) or (S,) integer positions for RoPE (default ``arange(S)``). The
-            attention mask is causal in sequence order regardless of ``positions``.
+            attention mask is causal in sequence order regardless of ``positions`` (without a
+            cache).
         segment_ids: optional (B, S) integer ids of examples packed in a row (0: padding):
             attention never crosses from one id to another (`rslora_jax.models.attention`), so
             with ``positions`` restarting at each example a packed row computes what its
             examples compute one per row (`rslora_jax.data.pack_examples` makes both).
+        cache: optional `rslora_jax.models.cache.KVCache`: the new tokens' keys and values are
+            written at their positions and attention is causal by position over the cache
+            (decoding; see `rslora_jax.models.cache`). Not with ``segment_ids``.
+        logits_index: optional (B,) index into the sequence: logits only there (e.g. each
+            row's last prompt token after a prefill), shape (B, 1, vocab_size). With a cache it
+            also marks each row's last real token (what follows is padding): LongRoPE (Phi-3)
+            then picks its frequencies per row from the row's length, as for the row alone.
 
     Returns:
         Logits (B, S, vocab_size) in the compute dtype ``config.dtype`` (float32 by default;
         bfloat16 logits keep memory low, :func:`causal_lm_loss` upcasts to float32), soft-capped
-        when the family caps them (Gemma).
+        when the family caps them (Gemma); with a cache, ``(logits, updated cache)``.
 
     Example:
         >>> from rslora_jax.models.gemma import GemmaConfig
@@ -393,7 +427,9 @@ class DecoderForCausalLM(nn.Module):
         input_ids: Array,
         positions: Array | None = None,
         segment_ids: Array | None = None,
-    ) -> Array:
+        cache: KVCache | None = None,
+        logits_index: Array | None = None,
+    ) -> Any:
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq): got {input_ids.shape}")
@@ -401,8 +437,24 @@ class DecoderForCausalLM(nn.Module):
             positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.asarray(positions), input_ids.shape)
         if segment_ids is not None:
+            if cache is not None:
+                raise ValueError(
+                    "segment_ids (packed rows) and a key/value cache do not mix: decode one "
+                    "sequence per row"
+                )
             segment_ids = jnp.broadcast_to(jnp.asarray(segment_ids), input_ids.shape)
-        hidden = self.model(input_ids, positions, segment_ids)
+        lengths = None
+        if cache is not None and logits_index is not None:
+            lengths = (
+                jnp.take_along_axis(
+                    positions, jnp.asarray(logits_index, jnp.int32).reshape(-1, 1), axis=1
+                )[:, 0]
+                + 1
+            )
+        hidden, new_cache = self.model(input_ids, positions, segment_ids, cache, lengths)
+        if logits_index is not None:
+            index = jnp.asarray(logits_index, jnp.int32).reshape(-1, 1, 1)
+            hidden = jnp.take_along_axis(hidden, index, axis=1)
         if self.config.tie_word_embeddings:
             logits = self.model.attend(hidden)
         else:
@@ -411,7 +463,7 @@ class DecoderForCausalLM(nn.Module):
         if cap is not None:
             capped = jnp.float32(cap) * jnp.tanh(logits.astype(jnp.float32) / jnp.float32(cap))
             logits = capped.astype(logits.dtype)
-        return logits
+        return logits if cache is None else (logits, new_cache)
 
 
 # --------------------------------------------------------------------------------------------

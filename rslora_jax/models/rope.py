@@ -243,16 +243,27 @@ class Rope:
         return np.where(medium, smoothed, llama).astype(np.float32)
 
 
-def cos_sin(rope: Rope, positions: Array) -> tuple[Array, Array]:
+def is_dynamic(rope: Rope) -> bool:
+    """Whether the frequencies depend on the sequence's length (LongRoPE), so that keys
+    rotated for a short sequence differ from the same keys in a longer one."""
+    return rope.scaling is not None and rope.scaling.rope_type == "longrope"
+
+
+def cos_sin(rope: Rope, positions: Array, lengths: Array | None = None) -> tuple[Array, Array]:
     """cos and sin tables (B, S, 1, rotary_dim), float32, for (B, S) integer positions.
 
-    LongRoPE picks its long frequencies when the largest position reaches beyond the
-    pre-training context (as transformers does, per call).
+    LongRoPE picks its long frequencies when the sequence reaches beyond the pre-training
+    context: by default when the largest position of the call does (as transformers does, per
+    call), or per row when `lengths` (B,) gives each row's sequence length (decoding with a
+    cache: a row's result then equals running it alone).
     """
     inv = jnp.asarray(rope.inv_freq())
     rs = rope.scaling
-    if rs is not None and rs.rope_type == "longrope":
-        long = jnp.max(positions) + 1 > rs.original_max_position_embeddings
+    if is_dynamic(rope):
+        if lengths is None:
+            long = jnp.max(positions) + 1 > rs.original_max_position_embeddings
+        else:
+            long = (lengths > rs.original_max_position_embeddings)[:, None, None]  # (B, 1, 1)
         inv = jnp.where(long, jnp.asarray(rope.inv_freq(long=True)), inv)
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
@@ -280,4 +291,4 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return out.astype(x.dtype)
 
 
-__all__ = ["ROPE_TYPES", "Rope", "RopeScaling", "apply_rope", "cos_sin"]
+__all__ = ["ROPE_TYPES", "Rope", "RopeScaling", "apply_rope", "cos_sin", "is_dynamic"]

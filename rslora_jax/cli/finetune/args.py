@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="evaluate on at most this many held-out sequences (0: all)",
     )
+    g.add_argument(
+        "--samples",
+        type=nonnegative_int,
+        default=3,
+        help="greedy completions of this many held-out prompts before and after training, in "
+        "the summary and metrics.json (0: none)",
+    )
     g = p.add_argument_group("adapters")
     g.add_argument("--rank", type=positive_int, default=16, help="adapter rank r")
     g.add_argument(

@@ -40,6 +40,7 @@ from rslora_jax.cli.finetune.program import (
     program,
 )
 from rslora_jax.cli.finetune.runtime import barrier
+from rslora_jax.cli.finetune.samples import Samples
 from rslora_jax.cli.finetune.tracking import Trackers
 
 
@@ -187,6 +188,8 @@ def _train(plan: Plan, t_start: float, say: Any) -> dict[str, Any]:
         raise guards.RunError(f"--model {str(plan.model_dir)!r}: {err}") from None
     key_init, key_dropout = jax.random.split(jax.random.key(args.seed))
     adapters, base = init_run_adapters(plan, prog, base, key_init)
+    samples = Samples(plan, getattr(args, "samples", 0))
+    samples.run_before(adapters, base)  # the initial adapters, on a resumed run too
     opt_state = prog.init_state(adapters)
     evaluate = Evaluator(prog, plan.eval_rows, local_eval)
 
@@ -384,6 +387,7 @@ def _train(plan: Plan, t_start: float, say: Any) -> dict[str, Any]:
             trackers.log(args.steps, {"eval/loss": evals[-1][1]})
     if trackers is not None:
         trackers.close()
+    samples.run_after(adapters, base)
     save(args.steps)
     manager.close()
     t_export = time.perf_counter()
@@ -407,6 +411,7 @@ def _train(plan: Plan, t_start: float, say: Any) -> dict[str, Any]:
         seconds=seconds,
         parameters={"base": n_base, "adapters": n_adapter},
     )
+    metrics["samples"] = samples.records()
     if lead:
         with guards.writing(written["metrics"], out):
             write_metrics(metrics, written["metrics"], out)

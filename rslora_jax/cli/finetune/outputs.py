@@ -131,6 +131,11 @@ def summary(m: dict[str, Any], out: Path) -> str:
         f"  held-out loss  {m['eval_loss_before']:.4f} (before) -> {m['eval_loss_after']:.4f} "
         f"(after){' (answers only)' if m['data'].get('answers_only') else ''}",
     ]
+    if m.get("samples"):
+        from rslora_jax.cli.finetune.samples import summary_lines
+
+        lines.append("  held-out prompts, greedy completions before -> after training:")
+        lines += summary_lines(m["samples"])
     dropped = m["data"].get("dropped_examples", 0)
     if dropped:
         lines.append(
