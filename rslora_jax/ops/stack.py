@@ -151,8 +151,8 @@ def stack_specs(specs: PyTree, adapters: PyTree, config: LoraConfig) -> PyTree:
       >>> cfg = LoraConfig(rank=2)
       >>> one = init_adapters({"d": {"kernel": jnp.ones((4, 3))}}, cfg, jax.random.key(0))
       >>> specs = {"d": {"lora_a": PartitionSpec("model"), "lora_b": PartitionSpec()}}
-      >>> stack_specs(specs, one, cfg)["d"]["lora_a"]
-      PartitionSpec(None, 'model', None)
+      >>> tuple(stack_specs(specs, one, cfg)["d"]["lora_a"])
+      (None, 'model', None)
     """
     adapters = _adapters_of(adapters, 0)
     spec_of: dict[str, Any] = {
