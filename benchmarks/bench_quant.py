@@ -38,9 +38,12 @@ SHAPES = {
     ),
 }  # fmt: skip
 GIB = 2**30
+# --remat modes: the layer is recomputed in the backward pass, keeping (on) the matmul outputs
+# (the models' default policy, fastest on GPUs) or (full) nothing but the layer's input.
+REMAT_POLICIES = {"on": "dots_with_no_batch_dims_saveable", "full": "nothing_saveable"}
 
 
-def _step(shape: str, scheme: str, rank: int, remat: bool, batch: int, seq: int):
+def _step(shape: str, scheme: str, rank: int, remat: str, batch: int, seq: int, chunk: int = 0):
     """(jitted step, abstract args) for one configuration."""
     import jax
     import jax.numpy as jnp
@@ -55,7 +58,8 @@ def _step(shape: str, scheme: str, rank: int, remat: bool, batch: int, seq: int)
         dtype=jnp.bfloat16,
         param_dtype=jnp.bfloat16,
         scan_layers=True,
-        remat=remat,
+        remat=remat != "off",
+        remat_policy=REMAT_POLICIES.get(remat, REMAT_POLICIES["on"]),
         tie_word_embeddings=False,
         max_position_embeddings=max(seq, 2048),
     )
@@ -71,7 +75,10 @@ def _step(shape: str, scheme: str, rank: int, remat: bool, batch: int, seq: int)
 
     def step(adapters, state, base, tokens):
         def loss(ad):
-            logits = apply({"params": rl.combine(ad, base)}, tokens[:, :-1])
+            v = {"params": rl.combine(ad, base)}
+            if chunk:  # the model's chunked loss: no (B, S, vocab) logits held whole
+                return apply(v, tokens[:, :-1], labels=tokens[:, 1:], loss_chunk=chunk)
+            logits = apply(v, tokens[:, :-1])
             return causal_lm_loss(logits, tokens[:, 1:])
 
         value, grads = jax.value_and_grad(loss)(adapters)
@@ -82,14 +89,14 @@ def _step(shape: str, scheme: str, rank: int, remat: bool, batch: int, seq: int)
     return jitted, (adapters, state, base, tokens)
 
 
-def measure(shape, scheme, rank, remat, batch, seq, timed=False, steps=5) -> dict:
+def measure(shape, scheme, rank, remat, batch, seq, timed=False, steps=5, chunk=0) -> dict:
     import jax
     import numpy as np
 
     import rslora_jax as rl
 
     t0 = time.perf_counter()
-    fn, args = _step(shape, scheme, rank, remat, batch, seq)
+    fn, args = _step(shape, scheme, rank, remat, batch, seq, chunk)
     compiled = fn.lower(*args).compile()
     mem = compiled.memory_analysis()
     row = {
@@ -97,6 +104,7 @@ def measure(shape, scheme, rank, remat, batch, seq, timed=False, steps=5) -> dic
         "base": scheme,
         "rank": rank,
         "remat": remat,
+        "loss_chunk": chunk,
         "tokens": f"{batch}x{seq}",
         "base_GiB": rl.base_bytes(args[2]) / GIB,
         "arguments_GiB": mem.argument_size_in_bytes / GIB,
@@ -127,9 +135,19 @@ def main(argv=None) -> int:
     p.add_argument("--shape", choices=(*SHAPES, "all"), default="all")
     p.add_argument("--bases", default="bf16,int8,nf4")
     p.add_argument("--ranks", default="16,256")
-    p.add_argument("--remat", default="on,off")
+    p.add_argument(
+        "--remat",
+        default="on,off",
+        help="comma list of off, on (matmul outputs saved), full (nothing saved)",
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
+    p.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=0,
+        help="positions per chunk of the model's own loss (0: logits, then causal_lm_loss)",
+    )
     p.add_argument("--time", action="store_true", help="also run the steps (use a GPU)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     args = p.parse_args(argv)
@@ -142,13 +160,24 @@ def main(argv=None) -> int:
     )
     for shape in shapes:
         for rank in (int(r) for r in args.ranks.split(",")):
-            for remat in (r == "on" for r in args.remat.split(",")):
+            for remat in args.remat.split(","):
+                if remat not in ("off", *REMAT_POLICIES):
+                    p.error(f"--remat: {remat!r} is not one of off, on, full")
                 for scheme in args.bases.split(","):
-                    row = measure(shape, scheme, rank, remat, args.batch, args.seq, args.time)
+                    row = measure(
+                        shape,
+                        scheme,
+                        rank,
+                        remat,
+                        args.batch,
+                        args.seq,
+                        args.time,
+                        chunk=args.loss_chunk,
+                    )
                     rows.append(row)
                     extra = f" {row['step_ms']:7.1f}" if args.time else ""
                     print(
-                        f"{shape:10} {scheme:5} {rank:4d} {'on' if remat else 'off':5} "
+                        f"{shape:10} {scheme:5} {rank:4d} {remat:5} "
                         f"{row['base_GiB']:8.2f} {row['arguments_GiB']:8.2f} "
                         f"{row['temporaries_GiB']:8.2f} {row['peak_GiB']:8.2f}{extra}",
                         flush=True,

@@ -400,10 +400,26 @@ class DecoderForCausalLM(nn.Module):
             also marks each row's last real token (what follows is padding): LongRoPE (Phi-3)
             then picks its frequencies per row from the row's length, as for the row alone.
 
+        labels: optional (B, S) integer targets (``labels[:, t]`` scores the logits at ``t``:
+            shift before calling, as for :func:`causal_lm_loss`): the call returns that loss
+            instead of the logits, computed ``loss_chunk`` positions at a time.
+        loss_mask: optional (B, S) weights of the labels (1 = count), as ``mask`` of
+            :func:`causal_lm_loss`.
+        loss_chunk: positions per chunk of the loss (default: all at once). Each chunk's
+            logits and float32 log-softmax live only inside that chunk (rematerialised in the
+            backward pass), so the (B, S, vocab) logits are never held whole: with a large
+            vocabulary (Llama 3: 128,256) this is most of a remat step's temporaries.
+
     Returns:
         Logits (B, S, vocab_size) in the compute dtype ``config.dtype`` (float32 by default;
         bfloat16 logits keep memory low, :func:`causal_lm_loss` upcasts to float32), soft-capped
-        when the family caps them (Gemma); with a cache, ``(logits, updated cache)``.
+        when the family caps them (Gemma); with a cache, ``(logits, updated cache)``; with
+        ``labels``, the float32 scalar loss (equal to ``causal_lm_loss(logits, labels,
+        loss_mask)``).
+
+    Raises:
+        ValueError: bad shapes, ``segment_ids`` with a cache, ``labels`` with a cache or
+            ``logits_index``, ``loss_chunk`` not positive.
 
     Example:
         >>> from rslora_jax.models.gemma import GemmaConfig
@@ -429,10 +445,15 @@ class DecoderForCausalLM(nn.Module):
         segment_ids: Array | None = None,
         cache: KVCache | None = None,
         logits_index: Array | None = None,
+        labels: Array | None = None,
+        loss_mask: Array | None = None,
+        loss_chunk: int | None = None,
     ) -> Any:
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (batch, seq): got {input_ids.shape}")
+        if labels is not None:
+            _check_labels(input_ids.shape, labels, loss_mask, loss_chunk, cache, logits_index)
         if positions is None:
             positions = jnp.arange(input_ids.shape[1], dtype=jnp.int32)
         positions = jnp.broadcast_to(jnp.asarray(positions), input_ids.shape)
@@ -455,6 +476,13 @@ class DecoderForCausalLM(nn.Module):
         if logits_index is not None:
             index = jnp.asarray(logits_index, jnp.int32).reshape(-1, 1, 1)
             hidden = jnp.take_along_axis(hidden, index, axis=1)
+        if labels is not None:
+            return self._chunked_loss(hidden, labels, loss_mask, loss_chunk)
+        logits = self._head(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def _head(self, hidden: Array) -> Array:
+        """Logits of `hidden` (tied or own head; the family's final soft cap)."""
         if self.config.tie_word_embeddings:
             logits = self.model.attend(hidden)
         else:
@@ -463,11 +491,73 @@ class DecoderForCausalLM(nn.Module):
         if cap is not None:
             capped = jnp.float32(cap) * jnp.tanh(logits.astype(jnp.float32) / jnp.float32(cap))
             logits = capped.astype(logits.dtype)
-        return logits if cache is None else (logits, new_cache)
+        return logits
+
+    def _chunk_loss_sum(self, hidden: Array, labels: Array, weights: Array) -> Array:
+        logits = self._head(hidden).astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(ce * weights)
+
+    def _chunked_loss(
+        self, hidden: Array, labels: Array, mask: Array | None, chunk: int | None
+    ) -> Array:
+        labels = jnp.asarray(labels)
+        s = hidden.shape[1]
+        weights = (
+            jnp.ones(labels.shape, jnp.float32)
+            if mask is None
+            else jnp.asarray(mask).astype(jnp.float32)
+        )
+        chunk = s if chunk is None else min(int(chunk), s)
+        n = -(-s // chunk)
+        pad = n * chunk - s  # padded positions weigh 0
+        if pad:
+            hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+            labels = jnp.pad(labels, ((0, 0), (0, pad)))
+            weights = jnp.pad(weights, ((0, 0), (0, pad)))
+
+        def chunks(x: Array) -> Array:  # (B, n * chunk, ...) -> (n, B, chunk, ...)
+            return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
+
+        def body(mdl: DecoderForCausalLM, total: Array, xs: tuple) -> tuple[Array, None]:
+            return total + mdl._chunk_loss_sum(*xs), None
+
+        # One chunk per scan step, rematerialised: its logits and log-softmax are recomputed in
+        # the backward pass instead of kept, so only one chunk's (B, chunk, vocab) float32
+        # temporaries live at a time.
+        scan = nn.scan(
+            nn.remat(body),
+            variable_broadcast="params",
+            split_rngs={"params": False},
+            length=n,
+        )
+        total, _ = scan(self, jnp.float32(0), (chunks(hidden), chunks(labels), chunks(weights)))
+        return total / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _check_labels(
+    shape: tuple[int, ...],
+    labels: Any,
+    mask: Any,
+    chunk: Any,
+    cache: Any,
+    logits_index: Any,
+) -> None:
+    """Raises ValueError unless ``labels`` (and ``loss_mask``, ``loss_chunk``) fit the call."""
+    if cache is not None or logits_index is not None:
+        raise ValueError(
+            "labels (a loss) go with a full forward pass: not with cache or logits_index"
+        )
+    for name, value in (("labels", labels), ("loss_mask", mask)):
+        got = tuple(getattr(value, "shape", np.shape(value))) if value is not None else shape
+        if got != tuple(shape):
+            raise ValueError(f"{name} must have the shape of input_ids {tuple(shape)}: got {got}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"loss_chunk must be a positive int (positions per chunk): got {chunk!r}")
 
 
 def init_params(config: Any, key: PRNGKey) -> Params:
