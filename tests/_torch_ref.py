@@ -103,3 +103,17 @@ def torch_model(hf_config, seed: int = 0):
 def torch_logits(model, ids: np.ndarray = IDS) -> np.ndarray:
     with torch.no_grad():
         return model(torch.as_tensor(ids)).logits.float().numpy()
+
+
+def hf_base(tmp_path_factory, name: str, hf_config):
+    """A tiny random transformers model saved to a fresh directory, and its params loaded
+    scanned and unscanned: ``.model``, ``.dir``, ``.layouts[scan]``."""
+    from types import SimpleNamespace
+
+    from rslora_jax.hf import load_pretrained
+
+    model = torch_model(hf_config)
+    directory = tmp_path_factory.mktemp(name)
+    model.save_pretrained(directory)
+    layouts = {scan: load_pretrained(directory, scan_layers=scan) for scan in (True, False)}
+    return SimpleNamespace(model=model, dir=directory, layouts=layouts)

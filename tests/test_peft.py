@@ -29,13 +29,13 @@ from peft.utils.other import get_pattern_key
 from safetensors.numpy import load_file, save_file
 
 import rslora_jax as rl
-from rslora_jax.hf import flax_module_path, load_pretrained
+from rslora_jax.hf import flax_module_path
 from rslora_jax.hf import io as hf_io
 from rslora_jax.hf.peft import PeftFormatWarning, export_peft, import_peft
 from rslora_jax.models import LlamaConfig, LlamaForCausalLM, convert_scan, init_params
 from tests._asserts import assert_close, rel_error
 from tests._faults import die_between_renames
-from tests._torch_ref import IDS, TINY, VOCAB, torch_logits, torch_model
+from tests._torch_ref import IDS, TINY, VOCAB, hf_base, torch_logits
 
 RTOL = 1e-5  # max |ours - PEFT| / max |PEFT logits|
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,12 +46,7 @@ PREFIX = "base_model.model."
 # Fixtures and helpers
 
 
-def _base(tmp_path_factory, name: str, hf_config):
-    model = torch_model(hf_config)
-    directory = tmp_path_factory.mktemp(name)
-    model.save_pretrained(directory)
-    layouts = {scan: load_pretrained(directory, scan_layers=scan) for scan in (True, False)}
-    return SimpleNamespace(model=model, dir=directory, layouts=layouts)
+_base = hf_base
 
 
 @pytest.fixture(scope="module")

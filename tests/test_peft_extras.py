@@ -17,7 +17,6 @@ import copy
 import json
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -33,24 +32,18 @@ from rslora_jax.hf import (
     PeftFormatWarning,
     export_peft,
     import_peft,
-    load_pretrained,
     resize_vocab,
     save_pretrained,
 )
 from rslora_jax.models import LlamaForCausalLM
 from tests._asserts import assert_close, rel_error
-from tests._torch_ref import IDS, TINY, VOCAB, torch_logits, torch_model
+from tests._torch_ref import IDS, TINY, VOCAB, hf_base, torch_logits
 
 RTOL = 1e-5  # logits, relative to their largest entry
 GTOL = 1e-4  # gradients, relative to each tensor's norm
 
 
-def _base(tmp_path_factory, name: str, hf_config):
-    model = torch_model(hf_config)
-    directory = tmp_path_factory.mktemp(name)
-    model.save_pretrained(directory)
-    layouts = {scan: load_pretrained(directory, scan_layers=scan) for scan in (True, False)}
-    return SimpleNamespace(model=model, dir=directory, layouts=layouts)
+_base = hf_base
 
 
 @pytest.fixture(scope="module")

@@ -122,6 +122,32 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
     return axes
 
 
+def check_divisible(tree: Any, specs: Any, mesh: Any, spec_text: str | None) -> None:
+    """Raises `UsageError` naming the first leaf of `tree` whose sharded dimension (by the
+    matching `PartitionSpec` of `specs`) is not divisible by its mesh axes' sizes.
+
+    Args:
+      tree: a pytree of arrays or shapes (`jax.ShapeDtypeStruct`).
+      specs: the same structure of `PartitionSpec`s.
+      mesh: a `jax.sharding.Mesh`.
+      spec_text: the ``--mesh`` text, for the message.
+    """
+    import jax
+    from jax.sharding import PartitionSpec
+
+    flat = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(tree), flat):
+        for dim, entry in zip(leaf.shape, spec):
+            for name in (entry,) if isinstance(entry, str) else (entry or ()):
+                if dim % mesh.shape[name]:
+                    where = "/".join(str(getattr(k, "key", k)) for k in path)
+                    raise UsageError(
+                        f"--mesh {spec_text!r}: {where} has shape {tuple(leaf.shape)}; its "
+                        f"dimension {dim} is not divisible by mesh axis {name!r} of size "
+                        f"{mesh.shape[name]}: choose axis sizes that divide the model's widths"
+                    )
+
+
 def progress_bar(total: int, *, initial: int = 0, desc: str, enabled: bool = True) -> Any:
     """A tqdm bar on stderr (tqdm is imported here, not with the package); None if disabled."""
     if not enabled:

@@ -19,11 +19,10 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 import rslora_jax as rl
 from rslora_jax._types import PyTree
-from rslora_jax.cli.common import DTYPES, UsageError, parse_mesh
+from rslora_jax.cli.common import DTYPES, UsageError, check_divisible, parse_mesh
 from rslora_jax.cli.finetune import guards
 from rslora_jax.cli.finetune.adapters import (
     LayerSelection,
@@ -293,20 +292,8 @@ def _check_mesh(
     except ValueError as err:
         raise UsageError(f"--mesh {args.mesh!r}: {err}") from None
     specs = run_specs(abstract_base, abstract_adapters, lora_config, mesh)
-    trees = (abstract_base, abstract_adapters)
-    for tree, spec_tree in zip(trees, specs):
-        flat_specs = jax.tree.leaves(spec_tree, is_leaf=lambda x: isinstance(x, P))
-        for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(tree), flat_specs):
-            for dim, entry in zip(leaf.shape, spec):
-                for name in (entry,) if isinstance(entry, str) else (entry or ()):
-                    if dim % mesh.shape[name]:
-                        where = "/".join(str(getattr(k, "key", k)) for k in path)
-                        raise UsageError(
-                            f"--mesh {args.mesh!r}: {where} has shape {tuple(leaf.shape)}; its "
-                            f"dimension {dim} is not divisible by mesh axis {name!r} of size "
-                            f"{mesh.shape[name]}: choose axis sizes that divide the model's "
-                            "widths"
-                        )
+    for tree, spec_tree in zip((abstract_base, abstract_adapters), specs):
+        check_divisible(tree, spec_tree, mesh, args.mesh)
     return mesh
 
 

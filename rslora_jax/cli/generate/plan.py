@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import rslora_jax as rl
 from rslora_jax._types import Params
-from rslora_jax.cli.common import UsageError, parse_mesh
+from rslora_jax.cli.common import UsageError, check_divisible, parse_mesh
 from rslora_jax.cli.generate.args import DEFAULT_MODEL
 from rslora_jax.data import DEFAULT_CHAT_TEMPLATE, load_chat_template
 from rslora_jax.generate import SamplingConfig
@@ -240,22 +240,8 @@ def _check_mesh(args: argparse.Namespace, config: Any) -> Mesh | None:
         )
     mesh = Mesh(np.array(devices).reshape(tuple(axes.values())), tuple(axes))
     abstract = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
-    _check_divisible(abstract, param_specs(abstract, tuple(mesh.shape)), mesh, args.mesh)
+    check_divisible(abstract, param_specs(abstract, tuple(mesh.shape)), mesh, args.mesh)
     return mesh
-
-
-def _check_divisible(tree: Any, specs: Any, mesh: Mesh, spec_text: str) -> None:
-    flat = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(tree), flat):
-        for dim, entry in zip(leaf.shape, spec):
-            for name in (entry,) if isinstance(entry, str) else (entry or ()):
-                if dim % mesh.shape[name]:
-                    where = "/".join(str(getattr(k, "key", k)) for k in path)
-                    raise UsageError(
-                        f"--mesh {spec_text!r}: {where} has shape {tuple(leaf.shape)}; its "
-                        f"dimension {dim} is not divisible by mesh axis {name!r} of size "
-                        f"{mesh.shape[name]}: choose axis sizes that divide the model's widths"
-                    )
 
 
 def prepare(args: argparse.Namespace) -> Job:
@@ -329,7 +315,7 @@ def load(job: Job) -> tuple[Any, Params, rl.LoraConfig | None]:
     if job.mesh is not None:
         base_specs = param_specs(base, tuple(job.mesh.shape))
         specs = rl.partition_specs(params, base_specs, lora_config)
-        _check_divisible(params, specs, job.mesh, args.mesh)
+        check_divisible(params, specs, job.mesh, args.mesh)
         params = jax.device_put(params, _named(job.mesh, specs))
     return model, params, lora_config
 
