@@ -303,6 +303,24 @@ def test_mesh_run_matches_the_single_device_run(base, run, tmp_path):
     )
 
 
+def test_chunked_loss_and_full_remat_repeat_the_default_run(base, run, tmp_path):
+    """--loss-chunk (the model's own loss, 5 positions at a time: the last chunk is short) and
+    --remat-policy nothing_saveable change what is kept in memory, not what is computed: the
+    losses are the default run's (rounding aside)."""
+    out = tmp_path / "chunked"
+    extra = ("--loss-chunk", "5", "--remat-policy", "nothing_saveable")
+    assert ft.main(_args(base, out, *extra)) == 0
+    args = json.loads((out / "run.json").read_text())["args"]
+    assert (args["loss_chunk"], args["remat_policy"]) == (5, "nothing_saveable")
+    metrics = json.loads((out / "metrics.json").read_text())
+    np.testing.assert_allclose(metrics["train_losses"], run.metrics["train_losses"], rtol=2e-4)
+    np.testing.assert_allclose(
+        [e[1] for e in metrics["eval_losses"]],
+        [e[1] for e in run.metrics["eval_losses"]],
+        rtol=2e-4,
+    )
+
+
 def test_llama_specs_shard_like_megatron_and_fsdp(ours):
     specs = ft.llama_specs(ours.params, ("fsdp", "model"))
     layers = specs["model"]["layers"]
@@ -351,6 +369,8 @@ def _bad(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "mesh syntax": (["--mesh", "data:2"], "expected AXIS=SIZE"),
         "mesh batch": (["--mesh", "data=8"], "--batch-size 4 is not divisible"),
         "mesh width": (["--mesh", "model=8"], "not divisible by mesh axis 'model'"),
+        "remat policy": (["--remat-policy", "keep_all"], "is not a jax.checkpoint_policies name"),
+        "loss chunk": (["--loss-chunk", "-1"], "--loss-chunk"),
         "seq too long": (["--seq-len", "65"], "max_position_embeddings"),
         "bad rank value": (["--rank", "0"], "expected a positive integer"),
         "warmup": (["--warmup-steps", "12"], "--warmup-steps 12 must be smaller"),
@@ -371,6 +391,8 @@ BAD = [
     "mesh size",
     "mesh syntax",
     "mesh batch",
+    "remat policy",
+    "loss chunk",
     "mesh width",
     "seq too long",
     "bad rank value",

@@ -239,6 +239,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--remat", action="store_true", help="recompute layer activations (memory)")
     g.add_argument(
+        "--remat-policy",
+        default=None,
+        metavar="NAME",
+        help="what --remat keeps of a layer for the backward pass: a jax.checkpoint_policies "
+        "name (default dots_with_no_batch_dims_saveable: the matmul outputs, fastest; "
+        "nothing_saveable: only the layer's input, least memory); implies --remat",
+    )
+    g.add_argument(
+        "--loss-chunk",
+        type=nonnegative_int,
+        default=0,
+        metavar="N",
+        help="compute the loss N positions at a time inside the model, each chunk "
+        "rematerialised, so the (rows, seq, vocab) logits are never held whole (large "
+        "vocabularies); 0 (default): all at once",
+    )
+    g.add_argument(
         "--forward",
         choices=("auto", "fused", "factored"),
         default="auto",

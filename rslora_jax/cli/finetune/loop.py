@@ -177,6 +177,7 @@ def _train(plan: Plan, t_start: float, say: Any) -> dict[str, Any]:
         getattr(args, "quantize", "none"),
         args.grad_accum,
         plan.layers,
+        getattr(args, "loss_chunk", 0),
     )
     accum = args.grad_accum
     local = LocalRows.of(prog.batch, args.batch_size * accum)  # the rows of a step

@@ -124,7 +124,8 @@ def _check_model(args: argparse.Namespace) -> tuple[Path, Any, Any]:
             dtype=args.dtype,
             param_dtype=args.param_dtype,
             scan_layers=True,
-            remat=args.remat,
+            remat=args.remat or args.remat_policy is not None,
+            **({"remat_policy": args.remat_policy} if args.remat_policy else {}),
         )
     except (ValueError, OSError, TypeError, KeyError) as err:
         raise UsageError(f"{what}: {err}") from None

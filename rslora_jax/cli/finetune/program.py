@@ -132,6 +132,7 @@ def program(
     quantize: str = "none",
     grad_accum: int = 1,
     layers: LayerSelection | None = None,
+    loss_chunk: int = 0,
 ) -> Program:
     """Builds (and caches) the jitted training and evaluation functions of a run.
 
@@ -156,6 +157,8 @@ def program(
       grad_accum: micro-batches per optimizer step.
       layers: ``--layers``: gradients and updates of the other layers' adapter entries are
         zeroed (`rslora_jax.cli.finetune.adapters`).
+      loss_chunk: ``--loss-chunk``: positions per chunk of the model's own loss
+        (``labels=``, ``loss_chunk=``); 0: the logits whole, then the cross-entropy.
 
     Returns:
       The jitted functions and their shardings.
@@ -189,16 +192,23 @@ def program(
     def sums(adapters: PyTree, base: PyTree, rows: jax.Array, key: Any) -> tuple:
         """(sum of the counted targets' cross-entropies, their number) over packed rows."""
         rngs = {"lora_dropout": key} if key is not None and use_dropout else None
-        logits = apply(
-            {"params": rl.combine(adapters, base)},
-            rows[:, 0],
-            positions=rows[:, 4],
-            segment_ids=rows[:, 3],
-            rngs=rngs,
-        )
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), rows[:, 1])
+        variables = {"params": rl.combine(adapters, base)}
+        inputs = dict(positions=rows[:, 4], segment_ids=rows[:, 3], rngs=rngs)
         weight = rows[:, 2].astype(jnp.float32)
-        return jnp.sum(ce * weight), jnp.sum(weight)
+        count = jnp.sum(weight)
+        if loss_chunk:  # the model's mean over the counted targets, chunk by chunk
+            mean = apply(
+                variables,
+                rows[:, 0],
+                labels=rows[:, 1],
+                loss_mask=weight,
+                loss_chunk=loss_chunk,
+                **inputs,
+            )
+            return mean * jnp.maximum(count, 1.0), count
+        logits = apply(variables, rows[:, 0], **inputs)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), rows[:, 1])
+        return jnp.sum(ce * weight), count
 
     def loss_and_grads(adapters, base, batch, key):
         # The loss of `batch` (accum, rows, 5, S), the mean over the counted targets of all
