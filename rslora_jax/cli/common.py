@@ -122,6 +122,80 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
     return axes
 
 
+def check_model(model: Any, default: Any, **overrides: Any) -> tuple[Any, Any, Any]:
+    """``(directory, transformers config, our model config)`` of ``--model``, every check made
+    before any weight is read (the safetensors headers and index against the config).
+
+    Args:
+      model: the ``--model`` path, or None for `default`.
+      default: the built-in base's directory.
+      **overrides: runtime fields of the family's config (``dtype``, ``remat``, ...).
+
+    Raises:
+      UsageError: naming ``--model`` and what is wrong (no directory, no config.json, an
+        unknown family, PyTorch pickles instead of safetensors, headers that do not fit).
+    """
+    from pathlib import Path
+
+    from rslora_jax.hf import check_pretrained, load_config
+    from rslora_jax.models.families import family
+
+    model_dir = Path(model if model is not None else default).expanduser().absolute()
+    what = f"--model {str(model_dir)!r}"
+    if not model_dir.is_dir():
+        raise UsageError(
+            f"{what}: no such directory; give a Hugging Face checkpoint directory "
+            "(config.json + model.safetensors)"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"{what}: no config.json; is this a Hugging Face checkpoint directory?")
+    try:
+        hf_config = load_config(model_dir)
+        config = family(hf_config.model_type, "--model").from_hf(hf_config, **overrides)
+    except (ValueError, OSError, TypeError, KeyError) as err:
+        raise UsageError(f"{what}: {err}") from None
+    weights = ("model.safetensors", "model.safetensors.index.json")
+    if not any((model_dir / w).is_file() for w in weights):
+        pickles = sorted(p.name for p in model_dir.glob("*.bin"))
+        hint = (
+            f" (it has PyTorch pickles {pickles}: convert them to safetensors with "
+            "transformers' save_pretrained(..., safe_serialization=True))"
+            if pickles
+            else ""
+        )
+        raise UsageError(f"{what}: no model.safetensors or model.safetensors.index.json{hint}")
+    try:  # every header and the index against the config, before anything is created
+        check_pretrained(model_dir)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"{what}: {err}") from None
+    return model_dir, hf_config, config
+
+
+def check_tokenizer(tokenizer: Any, model_dir: Any) -> tuple[Any, Any]:
+    """``(directory, tokenizer)`` of ``--tokenizer`` (default: the model's directory).
+
+    Raises:
+      UsageError: naming the flag and directory when it has no tokenizer files or the loader
+        fails.
+    """
+    from pathlib import Path
+
+    from rslora_jax.hf import load_tokenizer
+
+    tok_dir = Path(tokenizer if tokenizer is not None else model_dir).expanduser().absolute()
+    flag = "--tokenizer" if tokenizer is not None else "--model"
+    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+    if not tok_dir.is_dir() or not any((tok_dir / f).is_file() for f in files):
+        raise UsageError(
+            f"{flag} {str(tok_dir)!r}: no tokenizer files (tokenizer.json, tokenizer.model, ...); "
+            "pass --tokenizer DIR"
+        )
+    try:
+        return tok_dir, load_tokenizer(tok_dir)
+    except Exception as err:  # a third-party loader: report whatever it says
+        raise UsageError(f"{flag} {str(tok_dir)!r}: the tokenizer does not load: {err}") from None
+
+
 def check_divisible(tree: Any, specs: Any, mesh: Any, spec_text: str | None) -> None:
     """Raises `UsageError` naming the first leaf of `tree` whose sharded dimension (by the
     matching `PartitionSpec` of `specs`) is not divisible by its mesh axes' sizes.

@@ -22,7 +22,14 @@ from jax.sharding import Mesh
 
 import rslora_jax as rl
 from rslora_jax._types import PyTree
-from rslora_jax.cli.common import DTYPES, UsageError, check_divisible, parse_mesh
+from rslora_jax.cli.common import (
+    DTYPES,
+    UsageError,
+    check_divisible,
+    check_model,
+    check_tokenizer,
+    parse_mesh,
+)
 from rslora_jax.cli.finetune import guards
 from rslora_jax.cli.finetune.adapters import (
     LayerSelection,
@@ -36,7 +43,6 @@ from rslora_jax.cli.finetune.layout import LocalRows, batch_sharding, batch_ways
 from rslora_jax.cli.finetune.options import parse_layers, parse_trackers
 from rslora_jax.cli.finetune.tracking import check_trackers
 from rslora_jax.models.decoder import init_params
-from rslora_jax.models.families import family
 
 
 @dataclasses.dataclass
@@ -106,62 +112,19 @@ def checkpoint_steps(directory: Path) -> list[int]:
 
 
 def _check_model(args: argparse.Namespace) -> tuple[Path, Any, Any]:
-    from rslora_jax.hf import check_pretrained, load_config
-
-    model_dir = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
-    what = f"--model {str(model_dir)!r}"
-    if not model_dir.is_dir():
-        raise UsageError(
-            f"{what}: no such directory; give a Hugging Face checkpoint directory "
-            "(config.json + model.safetensors)"
-        )
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{what}: no config.json; is this a Hugging Face checkpoint directory?")
-    try:
-        hf_config = load_config(model_dir)
-        model_config = family(hf_config.model_type, "--model").from_hf(
-            hf_config,
-            dtype=args.dtype,
-            param_dtype=args.param_dtype,
-            scan_layers=True,
-            remat=args.remat or args.remat_policy is not None,
-            **({"remat_policy": args.remat_policy} if args.remat_policy else {}),
-        )
-    except (ValueError, OSError, TypeError, KeyError) as err:
-        raise UsageError(f"{what}: {err}") from None
-    weights = ("model.safetensors", "model.safetensors.index.json")
-    if not any((model_dir / w).is_file() for w in weights):
-        pickles = sorted(p.name for p in model_dir.glob("*.bin"))
-        hint = (
-            f" (it has PyTorch pickles {pickles}: convert them to safetensors with "
-            "transformers' save_pretrained(..., safe_serialization=True))"
-            if pickles
-            else ""
-        )
-        raise UsageError(f"{what}: no model.safetensors or model.safetensors.index.json{hint}")
-    try:  # every header and the index against the config, before anything is created
-        check_pretrained(model_dir)
-    except ValueError as err:
-        raise UsageError(f"{what}: {err}") from None
-    return model_dir, hf_config, model_config
+    return check_model(
+        args.model,
+        DEFAULT_MODEL,
+        dtype=args.dtype,
+        param_dtype=args.param_dtype,
+        scan_layers=True,
+        remat=args.remat or args.remat_policy is not None,
+        **({"remat_policy": args.remat_policy} if args.remat_policy else {}),
+    )
 
 
 def _check_tokenizer(args: argparse.Namespace, model_dir: Path) -> tuple[Path, Any]:
-    from rslora_jax.hf import load_tokenizer
-
-    tok_dir = (args.tokenizer if args.tokenizer is not None else model_dir).expanduser().absolute()
-    flag = "--tokenizer" if args.tokenizer is not None else "--model"
-    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-    if not tok_dir.is_dir() or not any((tok_dir / f).is_file() for f in files):
-        raise UsageError(
-            f"{flag} {str(tok_dir)!r}: no tokenizer files (tokenizer.json, tokenizer.model, ...); "
-            "pass --tokenizer DIR"
-        )
-    try:
-        tokenizer = load_tokenizer(tok_dir)
-    except Exception as err:  # a third-party loader: report whatever it says
-        raise UsageError(f"{flag} {str(tok_dir)!r}: the tokenizer does not load: {err}") from None
-    return tok_dir, tokenizer
+    return check_tokenizer(args.tokenizer, model_dir)
 
 
 def _check_data(args: argparse.Namespace, tokenizer: Any, config: Any) -> RunData:

@@ -20,12 +20,18 @@ from jax.sharding import PartitionSpec as P
 
 import rslora_jax as rl
 from rslora_jax._types import Params
-from rslora_jax.cli.common import UsageError, check_divisible, parse_mesh
+from rslora_jax.cli.common import (
+    UsageError,
+    check_divisible,
+    check_model,
+    check_tokenizer,
+    parse_mesh,
+)
 from rslora_jax.cli.generate.args import DEFAULT_MODEL
 from rslora_jax.data import DEFAULT_CHAT_TEMPLATE, load_chat_template
 from rslora_jax.generate import SamplingConfig
 from rslora_jax.models.decoder import init_params
-from rslora_jax.models.families import family, family_of
+from rslora_jax.models.families import family_of
 from rslora_jax.models.sharding import param_specs
 
 
@@ -60,50 +66,14 @@ class Job:
 
 
 def _check_model(args: argparse.Namespace) -> tuple[Path, Any]:
-    from rslora_jax.hf import check_pretrained, load_config
-
-    model_dir = (args.model if args.model is not None else DEFAULT_MODEL).expanduser().absolute()
-    what = f"--model {str(model_dir)!r}"
-    if not model_dir.is_dir():
-        raise UsageError(
-            f"{what}: no such directory; give a Hugging Face checkpoint directory "
-            "(config.json + model.safetensors)"
-        )
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{what}: no config.json; is this a Hugging Face checkpoint directory?")
-    if not any(
-        (model_dir / w).is_file() for w in ("model.safetensors", "model.safetensors.index.json")
-    ):
-        raise UsageError(f"{what}: no model.safetensors or model.safetensors.index.json")
-    try:
-        hf_config = load_config(model_dir)
-        config = family(hf_config.model_type, "--model").from_hf(
-            hf_config,
-            dtype=args.dtype,
-            param_dtype=args.param_dtype,
-            scan_layers=True,
-        )
-        check_pretrained(model_dir)  # every header against the config, before any read
-    except (ValueError, OSError, TypeError, KeyError) as err:
-        raise UsageError(f"{what}: {err}") from None
+    model_dir, _, config = check_model(
+        args.model, DEFAULT_MODEL, dtype=args.dtype, param_dtype=args.param_dtype, scan_layers=True
+    )
     return model_dir, config
 
 
 def _check_tokenizer(args: argparse.Namespace, model_dir: Path) -> Any:
-    from rslora_jax.hf import load_tokenizer
-
-    tok_dir = (args.tokenizer if args.tokenizer is not None else model_dir).expanduser().absolute()
-    flag = "--tokenizer" if args.tokenizer is not None else "--model"
-    files = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-    if not tok_dir.is_dir() or not any((tok_dir / f).is_file() for f in files):
-        raise UsageError(
-            f"{flag} {str(tok_dir)!r}: no tokenizer files (tokenizer.json, tokenizer.model, ...); "
-            "pass --tokenizer DIR"
-        )
-    try:
-        return load_tokenizer(tok_dir)
-    except Exception as err:  # a third-party loader: report whatever it says
-        raise UsageError(f"{flag} {str(tok_dir)!r}: the tokenizer does not load: {err}") from None
+    return check_tokenizer(args.tokenizer, model_dir)[1]
 
 
 def render_chat(tokenizer: Any, messages: Any, where: str, template: str | None = None) -> str:
