@@ -152,6 +152,32 @@ def refuse_without_peft_format(lora_config: LoraConfig, params: Any, where: str)
         )
 
 
+def check_export_args(
+    lora_config: Any, params: Any, task_type: Any, dtype: Any, where: str
+) -> np.dtype | None:
+    """The checks every PEFT export makes first; returns the output dtype (None: as stored).
+
+    Raises:
+      ValueError: `lora_config` not a `LoraConfig`, a method without a PEFT format, a bad
+        `task_type`, or a `dtype` that is not float32, float16 or bfloat16.
+    """
+    import jax.numpy as jnp
+
+    from rslora_jax.hf import io as hf_io
+
+    if not isinstance(lora_config, LoraConfig):
+        raise ValueError(f"{where}: lora_config must be a LoraConfig, got {type(lora_config)}")
+    refuse_without_peft_format(lora_config, params, where)
+    if task_type not in PEFT_TASK_TYPES:
+        raise ValueError(f"{where}: task_type={task_type!r} must be one of {PEFT_TASK_TYPES}")
+    if dtype is None:
+        return None
+    out_dtype = np.dtype(jnp.dtype(dtype))
+    if out_dtype not in hf_io.NP_TO_ST:
+        raise ValueError(f"{where}: dtype={dtype!r} must be float32, float16 or bfloat16")
+    return out_dtype
+
+
 def method_to_peft(lora_config: LoraConfig) -> dict[str, Any]:
     """The adapter_config.json fields that record the method and its initialisation."""
     return {

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rslora_jax import _files
@@ -29,13 +28,12 @@ from rslora_jax.hf.peft._format import (
     LAYOUT_KEY,
     PEFT_FORMAT_VERSION,
     PEFT_PREFIX,
-    PEFT_TASK_TYPES,
     base_modules,
+    check_export_args,
     known_leaf_names,
     layout_record,
     leaves_for,
     method_to_peft,
-    refuse_without_peft_format,
 )
 from rslora_jax.hf.peft._fused import fuse_adapters
 from rslora_jax.hf.peft.extras import export_extras, with_embeddings
@@ -120,16 +118,7 @@ def export_peft(
       >>> tmp.cleanup()
     """
     where = "export_peft"
-    if not isinstance(lora_config, LoraConfig):
-        raise ValueError(f"{where}: lora_config must be a LoraConfig, got {type(lora_config)}")
-    refuse_without_peft_format(lora_config, params, where)
-    if task_type not in PEFT_TASK_TYPES:
-        raise ValueError(f"{where}: task_type={task_type!r} must be one of {PEFT_TASK_TYPES}")
-    out_dtype = None
-    if dtype is not None:
-        out_dtype = np.dtype(jnp.dtype(dtype))
-        if out_dtype not in hf_io.NP_TO_ST:
-            raise ValueError(f"{where}: dtype={dtype!r} must be float32, float16 or bfloat16")
+    out_dtype = check_export_args(lora_config, params, task_type, dtype, where)
     fam = family_of(model_config, where)
     scanned = fam.is_scanned(params, where)
     model_cfg = fam.config(model_config, scan_layers=scanned, where=where)

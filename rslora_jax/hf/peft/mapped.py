@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rslora_jax import _files
@@ -40,10 +39,9 @@ from rslora_jax.hf.peft._format import (
     ADAPTER_WEIGHTS_NAME,
     PEFT_FORMAT_VERSION,
     PEFT_PREFIX,
-    PEFT_TASK_TYPES,
+    check_export_args,
     leaves_for,
     method_to_peft,
-    refuse_without_peft_format,
 )
 
 ModuleMap = Mapping[str, tuple[str, ...]]
@@ -170,16 +168,7 @@ def export_peft_mapped(
       >>> tmp.cleanup()
     """
     where = "export_peft_mapped"
-    if not isinstance(lora_config, LoraConfig):
-        raise ValueError(f"{where}: lora_config must be a LoraConfig, got {type(lora_config)}")
-    refuse_without_peft_format(lora_config, params, where)
-    if task_type not in PEFT_TASK_TYPES:
-        raise ValueError(f"{where}: task_type={task_type!r} must be one of {PEFT_TASK_TYPES}")
-    out_dtype = None
-    if dtype is not None:
-        out_dtype = np.dtype(jnp.dtype(dtype))
-        if out_dtype not in hf_io.NP_TO_ST:
-            raise ValueError(f"{where}: dtype={dtype!r} must be float32, float16 or bfloat16")
+    out_dtype = check_export_args(lora_config, params, task_type, dtype, where)
     holders = adapted_holders(params)
     if not holders:
         raise ValueError(f"{where}: params hold no adapters")
